@@ -1,0 +1,162 @@
+"""``fasp-edge``: the command line, thin over the Python API.
+
+Every user error is printed as one line (``fasp-edge: error: ...``) with a non-zero exit and no
+traceback; Ctrl-C exits with status 130 and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import FaspError, InvalidArgument
+
+log = logging.getLogger("fasp_edge")
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder, pruned checkpoint or hub id (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--gguf-file", default=None, help="load this GGUF file (relative to MODEL when both are given)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own Python code to run (off by default)")
+    p.add_argument("--device", default="cpu", help="compute device: cpu (default) or cuda")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasp-edge", description=__doc__.splitlines()[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="prune a model with FASP (or a baseline) into a smaller dense checkpoint")
+    _add_model_args(p)
+    p.add_argument("--sparsity", type=float, required=True, help="fraction of channels removed in every pair, [0, 1)")
+    p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp or magnitude")
+    p.add_argument("--targets", default="mlp,attn", help="pairs to prune: mlp, attn or mlp,attn (default)")
+    p.add_argument("--align", type=_positive_int, default=1, help="round kept widths to a multiple of N (power of two)")
+    p.add_argument("--damp", type=float, default=0.01, help="ridge damping λ of the restoration (default 0.01)")
+    p.add_argument("--calib-file", default=None, help="calibration text file (use validation text, e.g. WikiText-2 valid)")
+    p.add_argument("--calib-dataset", default=None, help="wikitext2 or c4 through `datasets` (needs network or cache)")
+    p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
+    p.add_argument("-o", "--output", required=True, help="output folder of the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    p = sub.add_parser("eval", help="perplexity of a model (dense or pruned) on a text file")
+    _add_model_args(p)
+    p.add_argument("--text-file", required=True, help="evaluation text (use test text, never calibration text)")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="window length (default 512)")
+    p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate at most N windows")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    return parser
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .fsutil import check_output_dir, state_dict_sha256
+    from .models.loading import load_model
+    from .pipeline.calibration import calibration_windows
+    from .pipeline.checkpoint import fasp_section, save_pruned
+    from .pipeline.fasp import check_prune_arguments, prune
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp)
+    if args.calib_file and args.calib_dataset:
+        raise InvalidArgument("give either --calib-file or --calib-dataset, not both")
+    if args.method != "magnitude" and args.sparsity > 0 and not (args.calib_file or args.calib_dataset):
+        raise InvalidArgument(f"--method {args.method} needs calibration text: --calib-file FILE (offline) or "
+                              "--calib-dataset wikitext2|c4")
+    if args.calib_file and not Path(args.calib_file).is_file():
+        raise InvalidArgument(f"--calib-file {args.calib_file} does not exist")
+    check_output_dir(args.output, args.overwrite)
+
+    t0 = time.perf_counter()
+    loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    load_seconds = time.perf_counter() - t0
+    model, tokenizer = loaded.model, loaded.tokenizer
+    source_hash = state_dict_sha256(model)
+    calib = None
+    calib_desc: dict = {"none": "magnitude needs no data"}
+    if args.calib_file or args.calib_dataset:
+        calib = calibration_windows(tokenizer, file=args.calib_file, dataset=args.calib_dataset,
+                                    nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        calib_desc = calib.description
+    result = prune(model, tokenizer, sparsity=args.sparsity, method=args.method,
+                   calibration=None if calib is None else calib.windows, targets=targets, align=args.align,
+                   damp=args.damp, device=args.device, progress=not args.quiet)
+    report = {
+        "source_model": loaded.source,
+        "source_sha256": source_hash,
+        "calibration": calib_desc,
+        "load_seconds": round(load_seconds, 3),
+        **result.report(),
+    }
+    section = fasp_section(model, method=args.method, sparsity=args.sparsity, extra={
+        "targets": list(result.targets), "align": args.align, "damp": args.damp, "calibration": calib_desc,
+        "source_model": {"name": loaded.source, "sha256": source_hash},
+    })
+    save_pruned(model, tokenizer, args.output, section, overwrite=args.overwrite,
+                extra_files={"fasp_report.json": json.dumps(report, indent=2) + "\n"})
+    print(f"pruned {loaded.source} with {args.method} at sparsity {args.sparsity}: "
+          f"{result.params_before:,} -> {result.params_after:,} parameters "
+          f"({100 * report['param_reduction']:.1f}% fewer; non-embedding "
+          f"{100 * report['nonembedding_param_reduction']:.1f}% fewer) in {result.seconds:.1f} s; "
+          f"wrote {args.output}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .models.loading import load_model
+    from .pipeline.calibration import read_text_file
+    from .pipeline.perplexity import perplexity
+
+    if not Path(args.text_file).is_file():
+        raise InvalidArgument(f"--text-file {args.text_file} does not exist")
+    text = read_text_file(args.text_file)
+    loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    loaded.model.to(args.device)
+    t0 = time.perf_counter()
+    res = perplexity(loaded.model, loaded.tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows,
+                     device=args.device, progress=not args.quiet)
+    res = {"model": loaded.source, "text_file": os.path.basename(args.text_file), **res,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['perplexity']:.3f} over {res['windows']} windows of {res['seqlen']} tokens "
+              f"({res['tokens']} tokens) of {res['text_file']}")
+    return 0
+
+
+COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except FaspError as e:
+        print(f"fasp-edge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fasp-edge: interrupted; no partial output was left behind", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""LLaMA-like family: LLaMA 1/2/3, Mistral, Qwen2, SmolLM (RMSNorm, SwiGLU, RoPE, GQA)."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
+
+from .base import AttentionLayout, ModelFamily
+
+
+def _forward_with_value_head_dim(
+    self,
+    hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: Optional[torch.Tensor],
+    past_key_values=None,
+    cache_position: Optional[torch.LongTensor] = None,
+    **kwargs,
+):
+    """transformers' LLaMA attention with the value head dim taken from ``self.v_head_dim``.
+
+    Identical to ``LlamaAttention.forward`` (transformers 4.57) except for the value reshape; the
+    Mistral/Qwen2 sliding window is passed on as their own forwards do.
+    """
+    input_shape = hidden_states.shape[:-1]
+    query_states = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(*input_shape, -1, self.v_head_dim).transpose(1, 2)
+
+    cos, sin = position_embeddings
+    query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+    if past_key_values is not None:
+        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
+        key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx, cache_kwargs)
+
+    attention_interface: Callable = eager_attention_forward
+    if self.config._attn_implementation != "eager":
+        attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+    sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    if sliding_window is not None:
+        kwargs["sliding_window"] = sliding_window
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.attention_dropout,
+        scaling=self.scaling,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+    attn_output = self.o_proj(attn_output)
+    return attn_output, attn_weights
+
+
+class LlamaLikeFamily(ModelFamily):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+    attn_out_name = "o_proj"
+    value_pruned_forward = staticmethod(_forward_with_value_head_dim)
+    ffn_config_key = "intermediate_size"
+
+    def layers(self, model):
+        return model.model.layers
+
+    def mlp_in(self, layer):
+        return [layer.mlp.gate_proj, layer.mlp.up_proj]
+
+    def mlp_out(self, layer):
+        return layer.mlp.down_proj
+
+    def set_mlp(self, layer, w1, w2):
+        layer.mlp.gate_proj, layer.mlp.up_proj = w1
+        layer.mlp.down_proj = w2
+        layer.mlp.intermediate_size = w2.in_features
+
+    def attention_layout(self, layer):
+        attn = layer.self_attn
+        cfg = attn.config
+        return AttentionLayout(
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=attn.head_dim,
+            v_head_dim=getattr(attn, "v_head_dim", attn.head_dim),
+        )
+
+    def embedding_modules(self, model):
+        return [model.model.embed_tokens, model.lm_head]

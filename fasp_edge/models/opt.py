@@ -1,0 +1,88 @@
+"""OPT family (OPTForCausalLM): biases, pre-/post-LN, optional ``word_embed_proj_dim`` projections."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.opt.modeling_opt import eager_attention_forward
+
+from .base import AttentionLayout, ModelFamily
+
+
+def _forward_with_value_head_dim(
+    self,
+    hidden_states: torch.Tensor,
+    past_key_values=None,
+    attention_mask: Optional[torch.Tensor] = None,
+    layer_head_mask: Optional[torch.Tensor] = None,
+    output_attentions: bool = False,
+    cache_position: Optional[torch.Tensor] = None,
+    **kwargs,
+):
+    """transformers' ``OPTAttention.forward`` (4.57) with the value head dim from ``self.v_head_dim``."""
+    bsz, tgt_len, _ = hidden_states.size()
+    query_states = self.q_proj(hidden_states) * self.scaling
+    query_states = query_states.view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+    key_states = self.k_proj(hidden_states).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+    value_states = self.v_proj(hidden_states).view(bsz, -1, self.num_heads, self.v_head_dim).transpose(1, 2)
+
+    if past_key_values is not None:
+        key_states, value_states = past_key_values.update(
+            key_states, value_states, self.layer_idx, {"cache_position": cache_position}
+        )
+
+    attention_interface: Callable = eager_attention_forward
+    if self.config._attn_implementation != "eager":
+        attention_interface = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
+
+    attn_output, attn_weights = attention_interface(
+        self,
+        query_states,
+        key_states,
+        value_states,
+        attention_mask,
+        dropout=0.0 if not self.training else self.dropout,
+        scaling=1.0,
+        **kwargs,
+    )
+    attn_output = attn_output.reshape(bsz, tgt_len, -1).contiguous()
+    attn_output = self.out_proj(attn_output)
+    if not output_attentions:
+        attn_weights = None
+    return attn_output, attn_weights
+
+
+class OPTFamily(ModelFamily):
+    name = "opt"
+    model_types = ("opt",)
+    attn_out_name = "out_proj"
+    value_pruned_forward = staticmethod(_forward_with_value_head_dim)
+    ffn_config_key = "ffn_dim"
+
+    def layers(self, model):
+        return model.model.decoder.layers
+
+    def mlp_in(self, layer):
+        return [layer.fc1]
+
+    def mlp_out(self, layer):
+        return layer.fc2
+
+    def set_mlp(self, layer, w1, w2):
+        (layer.fc1,) = w1
+        layer.fc2 = w2
+
+    def attention_layout(self, layer):
+        attn = layer.self_attn
+        return AttentionLayout(
+            num_heads=attn.num_heads,
+            num_kv_heads=attn.num_heads,
+            head_dim=attn.head_dim,
+            v_head_dim=getattr(attn, "v_head_dim", attn.head_dim),
+        )
+
+    def embedding_modules(self, model):
+        dec = model.model.decoder
+        return [dec.embed_tokens, dec.embed_positions, model.lm_head]

@@ -1,0 +1,48 @@
+"""Perplexity with the standard LLM protocol.
+
+The whole text is tokenized once (with the tokenizer's default special tokens, i.e. one BOS); it is cut into non-overlapping windows of ``seqlen`` tokens (a
+trailing partial window is dropped); each window is scored independently; perplexity is
+``exp(mean token NLL)`` over every predicted token of the full windows (``seqlen - 1`` per window).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..errors import InvalidArgument
+from .calibration import tokenize_text
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer, text: str, *, seqlen: int = 512, max_windows: int | None = None,
+               device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Perplexity of ``model`` on ``text``; returns ``perplexity``, ``nll``, ``windows``, ``tokens``.
+
+    ``tokens`` counts the tokens fed in (``windows · seqlen``), ``predicted_tokens`` those scored.
+    """
+    if seqlen < 2:
+        raise InvalidArgument(f"--seqlen must be >= 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise InvalidArgument(f"--max-windows must be >= 1, got {max_windows}")
+    ids = tokenize_text(tokenizer, text, add_special_tokens=True)  # as the protocol: BOS once, at the start
+    windows = ids.numel() // seqlen
+    if windows == 0:
+        raise InvalidArgument(f"the text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
+                              "lower --seqlen or give a longer text")
+    if max_windows is not None:
+        windows = min(windows, max_windows)
+    model.eval()
+    device = torch.device(device)
+    total = 0.0
+    for i in tqdm(range(windows), desc="perplexity", disable=not progress, leave=False):
+        batch = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
+        logits = model(batch, use_cache=False).logits[0, :-1].float()
+        total += F.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
+    predicted = windows * (seqlen - 1)
+    nll = total / predicted
+    return {"perplexity": math.exp(nll), "nll": nll, "windows": windows, "tokens": windows * seqlen,
+            "predicted_tokens": predicted, "seqlen": seqlen}

@@ -1,0 +1,85 @@
+"""Calibration windows and perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasp_edge import load_model, perplexity
+from fasp_edge.errors import CalibrationError, InvalidArgument
+from fasp_edge.pipeline.calibration import calibration_windows, sample_windows
+
+from .conftest import MODEL_BUILDERS, STORIES, TINYSTORIES, requires_shared
+
+
+def test_windows_are_seeded_distinct_and_non_overlapping():
+    ids = torch.arange(1000)
+    a = sample_windows(ids, 7, 100, seed=3)
+    assert a.shape == (7, 100)
+    assert torch.equal(a, sample_windows(ids, 7, 100, seed=3))
+    assert not torch.equal(a, sample_windows(ids, 7, 100, seed=4))
+    starts = sorted(a[:, 0].tolist())
+    assert all(b - s >= 100 for s, b in zip(starts, starts[1:]))
+    assert all(torch.equal(w, torch.arange(w[0], w[0] + 100)) for w in a)  # contiguous text
+
+
+def test_too_short_text_says_how_many_windows_it_gives():
+    with pytest.raises(CalibrationError, match="gives only 9 windows of 100 tokens, not 10"):
+        sample_windows(torch.arange(999), 10, 100, seed=0)
+
+
+def test_calibration_needs_a_source():
+    with pytest.raises(CalibrationError, match="--calib-file"):
+        calibration_windows(None, nsamples=1, seqlen=8)
+
+
+def test_unknown_dataset_names_the_choices():
+    with pytest.raises(InvalidArgument, match="wikitext2, c4"):
+        calibration_windows(None, dataset="pile", nsamples=1, seqlen=8)
+
+
+def test_missing_calibration_file():
+    with pytest.raises(CalibrationError, match="does not exist"):
+        calibration_windows(None, file="/nonexistent/calib.txt", nsamples=1, seqlen=8)
+
+
+class _CharTokenizer:
+    """Byte-level stand-in tokenizer: one id per character, BOS 1 at the start."""
+
+    bos_token_id = 1
+
+    def __call__(self, text, add_special_tokens=True, return_attention_mask=False):
+        ids = [3 + (ord(c) % 90) for c in text]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_perplexity_follows_the_standard_protocol():
+    model = MODEL_BUILDERS["llama-gqa"]()
+    tok = _CharTokenizer()
+    text = "the quick brown fox jumps over the lazy dog " * 3  # 132 chars + BOS = 133 tokens
+    res = perplexity(model, tok, text, seqlen=32, progress=False)
+    assert res["windows"] == 4 and res["tokens"] == 128 and res["predicted_tokens"] == 124
+    ids = torch.tensor(tok(text)["input_ids"][:128]).view(4, 32)
+    with torch.no_grad():
+        lg = model(ids).logits
+    nll = F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert res["perplexity"] == pytest.approx(math.exp(nll), rel=1e-6)
+    assert perplexity(model, tok, text, seqlen=32, max_windows=2, progress=False)["windows"] == 2
+    with pytest.raises(InvalidArgument, match="fewer than one window"):
+        perplexity(model, tok, "short", seqlen=32, progress=False)
+
+
+@requires_shared(STORIES, TINYSTORIES)
+def test_stories260k_reference_and_calibration_from_file():
+    loaded = load_model(STORIES)
+    tok = loaded.tokenizer
+    ids = tok("One day, a clever fox found a shiny key under the old oak tree.", return_tensors="pt").input_ids
+    assert ids.shape[1] == 35
+    with torch.no_grad():
+        nll = loaded.model(ids, labels=ids).loss.item() * 34
+    assert nll == pytest.approx(54.404, abs=1e-2)
+    cal = calibration_windows(tok, file=TINYSTORIES, nsamples=16, seqlen=128, seed=0)
+    assert cal.windows.shape == (16, 128) and cal.description["file"] == TINYSTORIES.name

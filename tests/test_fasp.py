@@ -1,0 +1,199 @@
+"""The FASP method: tests that fail if the structure, the metric or the restoration were wrong."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fasp_edge import prune
+from fasp_edge.models import family_for
+from fasp_edge.models.base import AttentionLayout
+from fasp_edge.pipeline.fasp import (attention_columns, keep_count, restore_columns, score_channels, top_channels,
+                                     value_channel_scores)
+from fasp_edge.pipeline.stats import InputStatistics
+
+from .conftest import MODEL_BUILDERS, random_windows
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda-sp", "fasp"])
+def test_sparsity_zero_leaves_logits_unchanged(any_model, windows, method):
+    _, build = any_model
+    model = build()
+    before = logits(model, windows[:2])
+    prune(model, sparsity=0.0, method=method, calibration=windows, progress=False)
+    assert torch.allclose(logits(model, windows[:2]), before, atol=1e-5, rtol=0)
+
+
+def _masked_dense(build, result):
+    """The dense model with the pruned channels' W2 columns set to zero."""
+    dense = build()
+    family = family_for(dense)
+    with torch.no_grad():
+        for layer, decision in zip(family.layers(dense), result.decisions):
+            w2 = family.mlp_out(layer)
+            drop = torch.ones(w2.in_features, dtype=torch.bool)
+            drop[decision.mlp_keep] = False
+            w2.weight[:, drop] = 0
+            lay = family.attention_layout(layer)
+            _, o_cols = attention_columns(decision.attn_keep, lay)
+            o = family.attn_out(layer)
+            drop = torch.ones(o.in_features, dtype=torch.bool)
+            drop[o_cols] = False
+            o.weight[:, drop] = 0
+    return dense
+
+
+def test_shrunk_model_equals_masked_dense_model(any_model, windows):
+    name, build = any_model
+    model = build()
+    result = prune(model, sparsity=0.4, method="wanda-sp", calibration=windows, progress=False)
+    family = family_for(model)
+    for layer in family.layers(model):  # physically smaller
+        lay = family.attention_layout(layer)
+        assert family.mlp_out(layer).in_features < family.mlp_out(family.layers(build())[0]).in_features
+        assert lay.v_head_dim < lay.head_dim
+        assert family.attn_in(layer).out_features == lay.num_kv_heads * lay.v_head_dim
+        assert family.attn_out(layer).in_features == lay.num_heads * lay.v_head_dim
+        for w1 in family.mlp_in(layer):
+            assert w1.out_features == family.mlp_out(layer).in_features
+    masked = _masked_dense(build, result)
+    ids = random_windows(2, 16, seed=7)
+    assert torch.allclose(logits(model, ids), logits(masked, ids), atol=1e-5, rtol=0), name
+
+
+def test_pruned_model_generates(any_model, windows):
+    _, build = any_model
+    model = build()
+    prune(model, sparsity=0.3, method="fasp", calibration=windows, progress=False)
+    out = model.generate(windows[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 11)
+    # the KV-cached greedy path agrees with a full forward on the same tokens
+    full = logits(model, out[:, :-1]).argmax(-1)[0, 4:]
+    assert torch.equal(full, out[0, 5:])
+
+
+def test_keep_count_and_alignment():
+    assert keep_count(1536, 0.2) == 1229
+    assert keep_count(1536, 0.2, align=64) == 1216
+    assert keep_count(1536, 0.2, align=32) == 1216
+    assert keep_count(64, 0.3, align=8) == 48
+    assert keep_count(8, 0.3, align=16) == 6  # width below the alignment: unaligned
+    assert keep_count(172, 0.0, align=64) == 172  # nothing removed: nothing rounded
+    assert keep_count(100, 0.99, align=16) == 16
+
+
+def test_score_is_input_norm_times_column_l1():
+    w2 = torch.tensor([[1.0, -2.0, 0.5], [3.0, 1.0, -0.5]])
+    norms = torch.tensor([2.0, 1.0, 10.0])
+    assert torch.allclose(score_channels(w2, norms), torch.tensor([8.0, 3.0, 10.0], dtype=torch.float64))
+    assert torch.allclose(score_channels(w2, None), torch.tensor([4.0, 3.0, 1.0], dtype=torch.float64))
+    assert top_channels(torch.tensor([1.0, 5.0, 5.0, 0.0]), 2).tolist() == [1, 2]
+
+
+def test_gqa_value_channels_sum_and_map_over_their_query_heads():
+    lay = AttentionLayout(num_heads=4, num_kv_heads=2, head_dim=3, v_head_dim=3)
+    o_scores = torch.arange(12, dtype=torch.float64)  # column (h, c) = 3h + c
+    kv = value_channel_scores(o_scores, lay)
+    # KV head 0 serves query heads 0 and 1; channel c sums columns c and 3 + c
+    assert kv.tolist() == [[3.0, 5.0, 7.0], [15.0, 17.0, 19.0]]
+    kept = torch.tensor([[0, 2], [1, 2]])
+    v_rows, o_cols = attention_columns(kept, lay)
+    assert v_rows.tolist() == [0, 2, 4, 5]
+    assert o_cols.tolist() == [0, 2, 3, 5, 7, 8, 10, 11]
+
+
+def _layer_problem(seed=0, tokens=400, d=24, out=10):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(tokens, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    w2 = torch.randn(out, d, generator=g, dtype=torch.float64)
+    keep = torch.tensor(sorted(torch.randperm(d, generator=g)[:15].tolist()))
+    return z, w2, keep
+
+
+def test_restoration_equals_lstsq_solution():
+    z, w2, keep = _layer_problem()
+    gram = z.T @ z
+    target = z @ w2.T  # the dense layer's outputs, [tokens, out]
+    ours = restore_columns(w2, gram, keep, damp=0.0)
+    ref = torch.linalg.lstsq(z[:, keep], target).solution.T
+    assert torch.allclose(ours, ref, atol=1e-8, rtol=1e-8)
+    # with damping: the ridge solution, i.e. lstsq on the augmented system
+    damp = 0.05
+    lam = damp * torch.diagonal(gram[keep][:, keep]).mean()
+    aug_x = torch.cat([z[:, keep], lam.sqrt() * torch.eye(len(keep), dtype=z.dtype)])
+    aug_y = torch.cat([target, torch.zeros(len(keep), w2.shape[0], dtype=z.dtype)])
+    ref = torch.linalg.lstsq(aug_x, aug_y).solution.T
+    assert torch.allclose(restore_columns(w2, gram, keep, damp=damp), ref, atol=1e-8, rtol=1e-8)
+
+
+def test_restoration_lowers_layer_output_error():
+    z, w2, keep = _layer_problem(seed=1)
+    target = z @ w2.T
+    plain = z[:, keep] @ w2[:, keep].T
+    restored = z[:, keep] @ restore_columns(w2, z.T @ z, keep, damp=0.01).T
+    err_plain = (plain - target).norm()
+    err_restored = (restored - target).norm()
+    assert err_restored < 0.8 * err_plain
+
+
+def test_streaming_statistics_equal_all_at_once():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 37, 16, generator=g)
+    whole = InputStatistics(16)
+    whole.update(x)
+    streamed = InputStatistics(16)
+    for chunk in x.reshape(-1, 16).split(11):
+        streamed.update(chunk)
+    norms_only = InputStatistics(16, gram=False)
+    for chunk in x.split(1):
+        norms_only.update(chunk)
+    z = x.reshape(-1, 16).double()
+    assert streamed.tokens == whole.tokens == 185
+    assert torch.allclose(streamed.gram, z.T @ z, atol=1e-10, rtol=0)
+    assert torch.allclose(whole.gram, streamed.gram, atol=1e-10, rtol=0)
+    assert torch.allclose(norms_only.norms, z.norm(dim=0), atol=1e-10, rtol=0)
+    assert torch.allclose(streamed.norms, z.norm(dim=0), atol=1e-10, rtol=0)
+
+
+def test_fasp_matches_dense_better_than_wanda_sp(windows):
+    build = MODEL_BUILDERS["llama-gqa"]
+    dense = logits(build(), windows)
+    errs = {}
+    for method in ("wanda-sp", "fasp"):
+        model = build()
+        prune(model, sparsity=0.3, method=method, calibration=windows, progress=False)
+        errs[method] = (logits(model, windows) - dense).pow(2).mean().item()
+    assert errs["fasp"] < errs["wanda-sp"]
+
+
+def test_same_seed_same_weights(windows):
+    build = MODEL_BUILDERS["qwen2-bias"]
+    states = []
+    for _ in range(2):
+        model = build()
+        prune(model, sparsity=0.25, calibration=windows, align=2, progress=False)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_parameter_counts(windows):
+    model = MODEL_BUILDERS["llama-gqa"]()
+    r = prune(model, sparsity=0.5, calibration=windows, progress=False)
+    # per layer: FFN 48 -> 24 removes 3 * 32 * 24; value dim 8 -> 4 removes 2*4*32 (v) + 4*4*32 (o)
+    removed = 2 * (3 * 32 * 24 + 2 * 4 * 32 + 4 * 4 * 32)
+    assert r.params_before - r.params_after == removed
+    assert r.nonembedding_params_before - r.nonembedding_params_after == removed
+    assert r.params_before - r.nonembedding_params_before == 96 * 32  # tied embedding counted once
+    assert r.ffn_dims == [24, 24] and r.v_head_dims == [4, 4]
+
+
+def test_mlp_only_targets_leave_attention_alone(windows):
+    model = MODEL_BUILDERS["opt"]()
+    r = prune(model, sparsity=0.5, targets=["mlp"], calibration=windows, progress=False)
+    assert r.v_head_dims == [8, 8] and r.ffn_dims == [32, 32]
