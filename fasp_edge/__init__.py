@@ -9,10 +9,11 @@ for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).setLevel(_logging.ERROR)
 
 from .errors import FaspError, ModelFamilyNotSupported
+from .export.bundle import export_bundle, load_bundle
 from .models.loading import load_model
 from .pipeline import calibration_windows, load_pruned, perplexity, prune, save_pruned
 
 __version__ = "0.1.0"
 
-__all__ = ["FaspError", "ModelFamilyNotSupported", "__version__", "calibration_windows", "load_model", "load_pruned",
-           "perplexity", "prune", "save_pruned"]
+__all__ = ["FaspError", "ModelFamilyNotSupported", "__version__", "calibration_windows", "export_bundle",
+           "load_bundle", "load_model", "load_pruned", "perplexity", "prune", "save_pruned"]

@@ -62,7 +62,100 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seqlen", type=_positive_int, default=512, help="window length (default 512)")
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate at most N windows")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p = sub.add_parser("export", help="export a dense or pruned model to a verified .pte/.onnx bundle")
+    _add_model_args(p)
+    p.add_argument("--formats", default="pte,onnx", help="pte, onnx or pte,onnx (default)")
+    p.add_argument("--quant", default="none", help="none (fp32, default), 8da4w (pte: 4-bit weights, groups of 32) "
+                   "or int8 (onnx: dynamic int8 weights)")
+    p.add_argument("--max-context", type=_positive_int, default=512, help="KV-cache length in tokens (default 512)")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    p = sub.add_parser("generate", help="generate text from a bundle (pte, onnx) or a model (torch)")
+    p.add_argument("path", help="bundle folder, or model / pruned checkpoint folder with --backend torch")
+    p.add_argument("--backend", default=None, help="pte, onnx or torch (default: the bundle's first format)")
+    p.add_argument("--prompt", required=True, help="prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy (default)")
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--max-context", type=_positive_int, default=512, help="--backend torch: KV-cache length")
     return parser
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export.bundle import check_export_arguments, describe, export_bundle
+    from .fsutil import check_output_dir
+    from .models.loading import load_model
+
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    check_export_arguments(formats, args.quant)
+    check_output_dir(args.output, args.overwrite)
+    loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+    t0 = time.perf_counter()
+    bundle = export_bundle(loaded, args.output, formats=formats, quant=args.quant, max_context=args.max_context,
+                           overwrite=args.overwrite, progress=not args.quiet)
+    info = describe(bundle)
+    par = bundle.manifest["parity"]
+    parity = ", ".join(f"{k} max|Δ| {par[k]['max_abs_diff']:.1e}" for k in bundle.formats)
+    print(f"exported {loaded.source} -> {args.output} ({', '.join(info['formats'])}, {args.quant}, "
+          f"{info['bytes'] / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; parity: {parity}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from .export.bundle import load_bundle
+    from .models.loading import load_model, load_tokenizer
+    from .runtime_bench.engines import generate, open_engine
+
+    path = Path(args.path)
+    if not path.exists():
+        raise InvalidArgument(f"{path} does not exist; give a bundle folder (fasp-edge export) or a model folder")
+    bundle = model = None
+    if (path / "manifest.json").exists():
+        bundle = load_bundle(path)
+        backend = args.backend or bundle.formats[0]
+        tokenizer = load_tokenizer(str(path))
+        eos = tuple(bundle.manifest["tokenizer"]["eos_ids"])
+        if backend == "torch":
+            raise InvalidArgument("a bundle holds no PyTorch weights; use --backend pte or onnx, or give the "
+                                  "model / checkpoint folder for --backend torch")
+    else:
+        backend = args.backend or "torch"
+        if backend != "torch":
+            raise InvalidArgument(f"{path} is not a bundle (no manifest.json); --backend {backend} needs one made "
+                                  "by `fasp-edge export`")
+        loaded = load_model(str(path))
+        model, tokenizer = loaded.model, loaded.tokenizer
+        eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+    engine = open_engine(backend, bundle=bundle, model=model,
+                         max_context=min(args.max_context, getattr(getattr(model, "config", None),
+                                                                   "max_position_embeddings", args.max_context)))
+    text = args.prompt
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgument("this tokenizer has no chat template; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+    else:
+        ids = tokenizer(text).input_ids
+    shown = ""
+    generated: list[int] = []
+
+    def on_token(tok: int) -> None:
+        nonlocal shown
+        generated.append(tok)
+        now = tokenizer.decode(generated, skip_special_tokens=True)
+        sys.stdout.write(now[len(shown):])
+        sys.stdout.flush()
+        shown = now
+
+    res = generate(engine, list(ids), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   seed=args.seed, eos_ids=eos, on_token=on_token)
+    sys.stdout.write("\n")
+    print(f"[{backend}] {len(res.tokens)} tokens; time to first token {1000 * res.ttft_s:.1f} ms "
+          f"({res.prompt_tokens} prompt tokens); decode {res.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
@@ -141,13 +234,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval}
+COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)  # our own messages only; libraries keep their default (warnings and up)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    log.propagate = False
     try:
         return COMMANDS[args.command](args)
     except FaspError as e:

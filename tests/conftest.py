@@ -37,7 +37,7 @@ def _build(config) -> torch.nn.Module:
 
 def tiny_opt(pre_ln: bool = True, proj: bool = False) -> torch.nn.Module:
     cfg = OPTConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, ffn_dim=64,
-                    max_position_embeddings=64, word_embed_proj_dim=24 if proj else 32,
+                    max_position_embeddings=128, word_embed_proj_dim=24 if proj else 32,
                     do_layer_norm_before=pre_ln, pad_token_id=1, bos_token_id=2, eos_token_id=2)
     cfg._attn_implementation = "eager"
     return _build(cfg)
@@ -45,7 +45,7 @@ def tiny_opt(pre_ln: bool = True, proj: bool = False) -> torch.nn.Module:
 
 def tiny_llama(kind: str = "llama") -> torch.nn.Module:
     common = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                  intermediate_size=48, max_position_embeddings=64, head_dim=8)
+                  intermediate_size=48, max_position_embeddings=128, head_dim=8)
     if kind == "llama":
         cfg = LlamaConfig(**common, tie_word_embeddings=True)
     elif kind == "mistral":

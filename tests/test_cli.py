@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -234,3 +235,67 @@ def test_cuda_requested_without_cuda(tmp_path, capsys):
 
     with pytest.raises(Exception, match="no CUDA device is available"):
         prune(MODEL_BUILDERS["opt"](), sparsity=0.2, method="magnitude", device="cuda", progress=False)
+
+
+# ---------------------------------------------------------------- export and generate
+@pytest.fixture(scope="module")
+def stories_onnx_bundle(tmp_path_factory):
+    if not STORIES.exists():
+        pytest.skip("shared stories260K data absent")
+    out = tmp_path_factory.mktemp("cli") / "bundle"
+    assert main(["--quiet", "export", str(STORIES), "--formats", "onnx", "--max-context", "128", "-o", str(out)]) == 0
+    return out
+
+
+def test_export_and_generate(stories_onnx_bundle, capsys, tmp_path):
+    capsys.readouterr()
+    code, out, err = run_cli(capsys, "generate", stories_onnx_bundle, "--backend", "onnx", "--prompt",
+                             "Once upon a time", "--max-new-tokens", "16")
+    assert code == 0, err
+    assert out.startswith(", there was a little girl named Lily.")
+    assert "tokens/s" in err and "time to first token" in err
+    code, out, err = run_cli(capsys, "generate", STORIES, "--backend", "torch", "--prompt", "Once upon a time",
+                             "--max-new-tokens", "16")
+    assert code == 0 and out.startswith(", there was a little girl named Lily."), err
+
+
+def test_generate_bad_input(stories_onnx_bundle, capsys, tmp_path):
+    code, _, err = run_cli(capsys, "generate", stories_onnx_bundle, "--backend", "onnx", "--prompt", "Once upon",
+                           "--max-new-tokens", "200")
+    assert_one_line_error(code, err, "exceeds the exported context of 128", "--max-context")
+    code, _, err = run_cli(capsys, "generate", stories_onnx_bundle, "--backend", "pte", "--prompt", "x")
+    assert_one_line_error(code, err, "has no pte artifact", "--formats pte")
+    code, _, err = run_cli(capsys, "generate", stories_onnx_bundle, "--backend", "tpu", "--prompt", "x")
+    assert_one_line_error(code, err, "unknown backend 'tpu'")
+    broken = tmp_path / "broken"
+    shutil.copytree(stories_onnx_bundle, broken)
+    (broken / "model.onnx.data").write_bytes(b"\0" * (broken / "model.onnx.data").stat().st_size)
+    code, _, err = run_cli(capsys, "generate", broken, "--backend", "onnx", "--prompt", "x")
+    assert_one_line_error(code, err, "model.onnx.data", "sha256")
+    notok = tmp_path / "notok"
+    shutil.copytree(stories_onnx_bundle, notok)
+    (notok / "tokenizer.json").unlink()
+    code, _, err = run_cli(capsys, "generate", notok, "--backend", "onnx", "--prompt", "x")
+    assert_one_line_error(code, err, "tokenizer.json is missing")
+
+
+@needs_stories
+@pytest.mark.parametrize("argv, needles", [
+    (["--formats", "pte,tflite"], ["unknown format tflite", "pte, onnx"]),
+    (["--formats", "onnx", "--quant", "8da4w"], ["8da4w applies to pte only", "not onnx"]),
+    (["--formats", "pte", "--quant", "int4"], ["unknown --quant 'int4'"]),
+    (["--max-context", "64"], ["below the 97 positions"]),
+    (["--max-context", "4096"], ["exceeds the model's 512 positions"]),
+])
+def test_export_bad_input(tmp_path, capsys, argv, needles):
+    code, _, err = run_cli(capsys, "export", STORIES, *argv, "-o", tmp_path / "b")
+    assert_one_line_error(code, err, *needles)
+    assert_nothing_written(tmp_path, "b")
+
+
+@needs_stories
+def test_export_refuses_existing_output(tmp_path, capsys):
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_text("x")
+    code, _, err = run_cli(capsys, "export", STORIES, "-o", tmp_path / "b")
+    assert_one_line_error(code, err, "--overwrite")

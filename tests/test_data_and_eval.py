@@ -59,10 +59,10 @@ class _CharTokenizer:
 def test_perplexity_follows_the_standard_protocol():
     model = MODEL_BUILDERS["llama-gqa"]()
     tok = _CharTokenizer()
-    text = "the quick brown fox jumps over the lazy dog " * 3  # 132 chars + BOS = 133 tokens
+    text = "the quick brown fox jumps over the lazy dog " * 3  # 132 tokens, no BOS
     res = perplexity(model, tok, text, seqlen=32, progress=False)
     assert res["windows"] == 4 and res["tokens"] == 128 and res["predicted_tokens"] == 124
-    ids = torch.tensor(tok(text)["input_ids"][:128]).view(4, 32)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"][:128]).view(4, 32)
     with torch.no_grad():
         lg = model(ids).logits
     nll = F.cross_entropy(lg[:, :-1].reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1)).item()

@@ -1,0 +1,1 @@
+"""Export: one export-friendly decoder, ExecuTorch and ONNX exporters, verified bundles."""

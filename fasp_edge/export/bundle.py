@@ -1,0 +1,327 @@
+"""Artifact bundles: the contract between export, the benchmark and the Android app.
+
+A bundle folder holds ``manifest.json``, ``model.pte`` and/or ``model.onnx`` (+ ``model.onnx.data``), the
+Hugging Face ``tokenizer.json`` (+ config files) and, where the source has one, the SentencePiece
+``tokenizer.model``. The manifest records every file's sha256 and size, per-layer dims, vocab, BOS/EOS,
+context length, precision and quantization, export settings, library versions and the measured parity
+against the PyTorch model. A bundle is written in a temporary folder and renamed into place only after
+every artifact was verified: it is complete and verified, or absent.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import FaspError, InvalidArgument
+from ..fsutil import atomic_output_dir, check_output_dir, sha256_file
+from ..models import family_for
+from ..models.loading import LoadedModel, save_tokenizer
+from .decoder import ExportDecoder, check_export_parity, run_decoder
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT_VERSION = 1
+FORMATS = ("pte", "onnx")
+QUANTS = {"none": ("pte", "onnx"), "8da4w": ("pte",), "int8": ("onnx",)}
+PARITY_TOLERANCE = 1e-4  # fp32 max |Δlogits| allowed between an artifact and the PyTorch model
+
+
+class BundleError(FaspError):
+    """A bundle is missing, incomplete, corrupt or newer than this fasp-edge."""
+
+
+class ExportVerificationError(FaspError):
+    """An exported artifact does not reproduce the PyTorch model."""
+
+
+@dataclass
+class Bundle:
+    """A verified bundle on disk."""
+
+    path: Path
+    manifest: dict
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def formats(self) -> list[str]:
+        return [f for f in FORMATS if f in self.manifest["artifacts"]]
+
+    @property
+    def max_context(self) -> int:
+        return int(self.manifest["max_context"])
+
+
+# --------------------------------------------------------------------------------------------------
+def check_export_arguments(formats: list[str], quant: str) -> None:
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise InvalidArgument(f"unknown format {','.join(bad) or '(none)'}; choose from {', '.join(FORMATS)} "
+                              "(e.g. --formats pte,onnx)")
+    if quant not in QUANTS:
+        raise InvalidArgument(f"unknown --quant {quant!r}; choose from {', '.join(QUANTS)}")
+    cannot = [f for f in formats if f not in QUANTS[quant]]
+    if cannot:
+        raise InvalidArgument(f"--quant {quant} applies to {', '.join(QUANTS[quant])} only, not {', '.join(cannot)}; "
+                              f"export {','.join(cannot)} in a separate bundle with --quant none")
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "executorch", "transformers", "torchao", "onnx", "onnxruntime", "onnxscript"):
+        try:
+            out[pkg] = importlib_metadata.version(pkg)
+        except importlib_metadata.PackageNotFoundError:
+            pass
+    from .. import __version__
+
+    out["fasp-edge"] = __version__
+    return out
+
+
+def _tokenizer_facts(tokenizer, folder: Path, source_spm: Path | None) -> dict:
+    """Save tokenizer files into ``folder``; say which file ExecuTorch's C++ runner must read."""
+    save_tokenizer(tokenizer, folder)
+    spec = json.loads((folder / "tokenizer.json").read_text()) if (folder / "tokenizer.json").exists() else {}
+    pre = json.dumps(spec.get("pre_tokenizer") or {})
+    byte_level = '"ByteLevel"' in pre
+    runner_file = "tokenizer.json" if byte_level else None
+    if source_spm is not None and source_spm.is_file():
+        shutil.copyfile(source_spm, folder / "tokenizer.model")
+        if not byte_level:
+            runner_file = "tokenizer.model"
+    probe = tokenizer("a", add_special_tokens=True).input_ids
+    adds_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
+    eos = tokenizer.eos_token_id
+    return {
+        "hf_tokenizer": "tokenizer.json",
+        "runner_tokenizer": runner_file,
+        "runner_tokenizer_note": None if runner_file else
+        "the tokenizer is neither byte-level BPE nor backed by a SentencePiece model; ExecuTorch's C++ runner "
+        "cannot read it",
+        "bos_id": tokenizer.bos_token_id,
+        "eos_ids": [eos] if eos is not None else [],
+        "add_bos": bool(adds_bos),
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+    }
+
+
+def _source_spm(loaded: LoadedModel) -> Path | None:
+    """The SentencePiece model file of the source, when it has one (e.g. stories260K's tokenizer.model)."""
+    vocab = getattr(loaded.tokenizer, "vocab_file", None)
+    if vocab and str(vocab).endswith(".model") and Path(vocab).is_file():
+        return Path(vocab)
+    folder = Path(str(loaded.source))
+    cand = folder / "tokenizer.model" if folder.is_dir() else None
+    return cand if cand is not None and cand.is_file() else None
+
+
+def parity_prompt(vocab_size: int, length: int = 64, seed: int = 0) -> torch.Tensor:
+    """A fixed, seeded prompt of ordinary token ids for parity checks."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (1, length), generator=g)
+
+
+def _artifact_parity(model, step_fn, prompt: torch.Tensor, steps: int) -> dict:
+    """Compare an artifact's ``step(tokens, start) -> logits`` with the PyTorch model over a prefill
+    of ``prompt`` and ``steps`` greedy decode steps (the model's own greedy tokens are fed to both)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache()
+        out = model(prompt, past_key_values=cache, use_cache=True)
+        ref = [out.logits[0, -1]]
+        got = [step_fn(prompt, 0)]
+        pos = prompt.shape[1]
+        for _ in range(steps):
+            tok = ref[-1].argmax().view(1, 1)
+            ref.append(model(tok, past_key_values=cache, use_cache=True).logits[0, -1])
+            got.append(step_fn(tok, pos))
+            pos += 1
+    diffs = [(g.float() - r).abs().max().item() for g, r in zip(got, ref)]
+    same = sum(int(g.argmax() == r.argmax()) for g, r in zip(got, ref))
+    return {"prefill_tokens": prompt.shape[1], "decode_steps": steps, "prefill_max_abs_diff": diffs[0],
+            "decode_max_abs_diff": max(diffs[1:], default=0.0), "max_abs_diff": max(diffs),
+            "greedy_token_agreement": same / len(ref), "greedy_tokens_equal": same == len(ref)}
+
+
+def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | tuple[str, ...] = FORMATS,
+                  quant: str = "none", max_context: int = 512, overwrite: bool = False,
+                  parity_prefill: int = 64, parity_steps: int = 32, progress: bool = True) -> Bundle:
+    """Export ``loaded`` (dense or pruned) into a verified bundle at ``out``."""
+    from tqdm.auto import tqdm
+
+    check_export_arguments(list(formats), quant)
+    formats = [f for f in FORMATS if f in set(formats)]
+    check_output_dir(out, overwrite)
+    if max_context < parity_prefill + parity_steps + 1:
+        raise InvalidArgument(f"--max-context {max_context} is below the {parity_prefill + parity_steps + 1} "
+                              "positions the parity check needs; raise it")
+    model = loaded.model.eval()
+    family = family_for(model)
+    prompt = parity_prompt(model.config.vocab_size, parity_prefill)
+    settings = {"max_context": max_context, "quant": quant, "formats": list(formats), "dtype": "float32",
+                "parity_prefill": parity_prefill, "parity_steps": parity_steps}
+    artifacts: dict[str, dict] = {}
+    steps = tqdm(total=len(formats) + 1, desc="export", disable=not progress)
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        # the decoder definition itself, in fp32, against transformers
+        ref_decoder = ExportDecoder(model, max_context=max_context, cache="static", full_logits=True).eval()
+        decoder_parity = check_export_parity(model, ref_decoder, prompt, parity_steps)
+        if decoder_parity["max_abs_diff"] > PARITY_TOLERANCE:
+            raise ExportVerificationError(f"the export decoder differs from the model by "
+                                          f"{decoder_parity['max_abs_diff']:.2e} (> {PARITY_TOLERANCE}); please report it")
+        dims = [dataclasses.asdict(d) for d in ref_decoder.dims]
+        steps.update(1)
+        for fmt in formats:
+            t0 = time.perf_counter()
+            if fmt == "pte":
+                info = _export_pte_artifact(model, tmp, max_context, quant, prompt, parity_steps, loaded.tokenizer)
+            else:
+                info = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps)
+            info["export_seconds"] = round(time.perf_counter() - t0, 2)
+            artifacts[fmt] = info
+            steps.update(1)
+        tok = _tokenizer_facts(loaded.tokenizer, tmp, _source_spm(loaded))
+        files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        cfg = model.config
+        manifest = {
+            "format": "fasp-edge-bundle",
+            "format_version": BUNDLE_FORMAT_VERSION,
+            "created_unix": int(time.time()),
+            "model": {
+                "family": family.name,
+                "model_type": cfg.model_type,
+                "source": str(loaded.source),
+                "fasp": getattr(cfg, "fasp", None),
+                "num_layers": len(dims),
+                "hidden_size": cfg.hidden_size,
+                "layers": dims,
+                "vocab_size": cfg.vocab_size,
+                "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            },
+            "max_context": max_context,
+            "tokenizer": tok,
+            "precision": "float32" if quant == "none" else f"float32 activations, {quant} weights",
+            "quantization": quant,
+            "export_settings": settings,
+            "artifacts": artifacts,
+            "parity": {"decoder_vs_transformers": decoder_parity,
+                       **{fmt: a["parity"] for fmt, a in artifacts.items()}},
+            "files": files,
+            "versions": _versions(),
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    steps.close()
+    return load_bundle(out)
+
+
+def _verify(kind: str, parity: dict, quant: str) -> None:
+    if quant == "none" and parity["max_abs_diff"] > PARITY_TOLERANCE:
+        raise ExportVerificationError(f"the {kind} artifact differs from the PyTorch model by "
+                                      f"{parity['max_abs_diff']:.2e} (> {PARITY_TOLERANCE}); nothing was written")
+    if not torch.isfinite(torch.tensor(parity["max_abs_diff"])):
+        raise ExportVerificationError(f"the {kind} artifact produces non-finite logits; nothing was written")
+
+
+def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int, tokenizer) -> dict:
+    from .executorch import PteModel, export_pte, quantize_8da4w, runner_metadata
+
+    src = copy.deepcopy(model) if quant != "none" else model
+    decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
+    schemes = quantize_8da4w(decoder) if quant == "8da4w" else {}
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    meta = runner_metadata(decoder, tokenizer.bos_token_id, eos)
+    export_pte(decoder, tmp / "model.pte", meta)
+    pte = PteModel(tmp / "model.pte")
+    parity = _artifact_parity(model, pte.step, prompt, steps)
+    _verify("ExecuTorch", parity, quant)
+    info = {"file": "model.pte", "backend": "xnnpack", "method": "forward(tokens[1,T], input_pos[1]) -> logits[1,V]",
+            "metadata": meta, "parity": parity}
+    if schemes:
+        counts: dict[str, int] = {}
+        for s in schemes.values():
+            counts[s] = counts.get(s, 0) + 1
+        info["quantization"] = {"scheme": "8da4w", "group_size": 32, "linear_counts": counts,
+                                "fallback_8bit": sorted(k for k, v in schemes.items() if v != "8da4w-g32")}
+    return info
+
+
+def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int) -> dict:
+    from .onnx import OnnxModel, export_onnx, io_names, quantize_int8
+
+    decoder = ExportDecoder(model, max_context=max_context, cache="io").eval()
+    if quant == "int8":
+        work = tmp / "fp32"
+        work.mkdir()
+        export_onnx(decoder, work / "model.onnx")
+        quantize_int8(work / "model.onnx", tmp / "model.onnx")
+        shutil.rmtree(work)
+    else:
+        export_onnx(decoder, tmp / "model.onnx")
+    onnx_model = OnnxModel(tmp / "model.onnx")
+    parity = _artifact_parity(model, onnx_model.step, prompt, steps)
+    _verify("ONNX", parity, quant)
+    inputs, outputs = io_names(len(decoder.blocks))
+    data = [p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx"]
+    return {"file": "model.onnx", "external_data": sorted(data), "inputs": inputs, "outputs": outputs,
+            "opset": _onnx_opset(tmp / "model.onnx"), "parity": parity}
+
+
+def _onnx_opset(path: Path) -> int | None:
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
+
+
+# --------------------------------------------------------------------------------------------------
+def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
+    """Read a bundle's manifest and check that every file is there with its recorded size and hash."""
+    folder = Path(path)
+    mpath = folder / "manifest.json"
+    if not mpath.is_file():
+        raise BundleError(f"{folder} has no manifest.json; it is not a fasp-edge bundle (make one with "
+                          "`fasp-edge export`)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleError(f"cannot read {mpath}: {e}; re-export the bundle") from None
+    if manifest.get("format") != "fasp-edge-bundle":
+        raise BundleError(f"{mpath} is not a fasp-edge bundle manifest; re-export the bundle")
+    version = manifest.get("format_version", 0)
+    if version > BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{folder} has bundle format {version}, newer than this fasp-edge reads "
+                          f"({BUNDLE_FORMAT_VERSION}); upgrade fasp-edge")
+    for name, rec in manifest.get("files", {}).items():
+        f = folder / name
+        if not f.is_file():
+            raise BundleError(f"{folder}: {name} is missing; the bundle is incomplete — re-export it")
+        if f.stat().st_size != rec["bytes"]:
+            raise BundleError(f"{folder}: {name} has {f.stat().st_size} bytes, the manifest says {rec['bytes']}; "
+                              "the bundle is corrupt — re-export or re-copy it")
+        if verify_hashes and sha256_file(f) != rec["sha256"]:
+            raise BundleError(f"{folder}: {name} does not match its sha256 in the manifest; the bundle is corrupt "
+                              "— re-export or re-copy it")
+    return Bundle(folder, manifest)
+
+
+def describe(bundle: Bundle) -> dict[str, Any]:
+    """A short summary for the CLI."""
+    m = bundle.manifest
+    return {"path": str(bundle.path), "formats": bundle.formats, "quantization": m["quantization"],
+            "max_context": m["max_context"], "bytes": sum(f["bytes"] for f in m["files"].values())}
