@@ -28,6 +28,20 @@ from ..errors import InvalidArgument
 from ..models import family_for
 
 
+@dataclass
+class ExportParts:
+    """The whole-model pieces a family hands to the export decoder (the blocks come per layer)."""
+
+    embed_tokens: nn.Module
+    lm_head: nn.Module
+    final_norm: nn.Module | None = None
+    project_in: nn.Module | None = None
+    project_out: nn.Module | None = None
+    embed_positions: nn.Embedding | None = None  # learned absolute positions (OPT)
+    position_offset: int = 0
+    rotary: nn.Module | None = None  # transformers' rotary embedding (inv_freq, attention_scaling)
+
+
 @dataclass(frozen=True)
 class LayerDims:
     """Per-layer shapes recorded in the bundle manifest."""
@@ -40,14 +54,19 @@ class LayerDims:
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """Masked attention; ``k``/``v`` have ``kv_heads`` heads shared by groups of query heads (GQA)."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, v)
+    """Masked attention with grouped query heads (GQA) without copying the cache per query head.
+
+    ``q`` is ``[1, H, T, D]``; ``k``/``v`` are ``[1, KV, S, D]`` / ``[1, KV, S, Dv]``; query head ``h`` reads
+    KV head ``h // (H // KV)``; ``mask`` is ``[T, S]`` (0 or -inf).
+    """
+    b, h, t, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    qg = q.reshape(b, kv, g * t, d)  # heads of one group are contiguous, as in transformers' repeat_kv
+    scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [1, KV, G*T, S]
+    scores = scores.view(b, kv, g, t, -1) + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kv, g * t, -1)
+    return torch.matmul(probs, v).view(b, h, t, v.shape[-1])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +107,9 @@ class _Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_head_dim))
 
 
-class _LlamaBlock(nn.Module):
+class PreNormGatedBlock(nn.Module):
+    """LLaMA-like block: RMSNorm, RoPE attention, gated (SwiGLU) MLP, pre-norm residuals."""
+
     def __init__(self, family, layer):
         super().__init__()
         self.attn = _Attention(layer.self_attn, family, layer, rope=True, q_scale_first=False)
@@ -105,7 +126,9 @@ class _LlamaBlock(nn.Module):
         return x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))
 
 
-class _OPTBlock(nn.Module):
+class OPTBlock(nn.Module):
+    """OPT block: LayerNorm before (pre-LN) or after (post-LN) each residual, ReLU MLP, learned positions."""
+
     def __init__(self, family, layer):
         super().__init__()
         self.attn = _Attention(layer.self_attn, family, layer, rope=False, q_scale_first=True)
@@ -148,27 +171,20 @@ class ExportDecoder(nn.Module):
         self.cache, self.max_context, self.full_logits = cache, max_context, full_logits
         self.vocab_size = cfg.vocab_size
         layers = family.layers(model)
-        if family.name == "opt":
-            dec = model.model.decoder
-            self.blocks = nn.ModuleList([_OPTBlock(family, layer) for layer in layers])
-            self.embed_tokens, self.project_in, self.project_out = dec.embed_tokens, dec.project_in, dec.project_out
-            # OPT's learned positions are offset by 2 (transformers' OPTLearnedPositionalEmbedding)
-            self.embed_positions = dec.embed_positions
-            self.final_norm = dec.final_layer_norm
-            self.rope = False
-        else:
-            self.blocks = nn.ModuleList([_LlamaBlock(family, layer) for layer in layers])
-            self.embed_tokens, self.project_in, self.project_out = model.model.embed_tokens, None, None
-            self.embed_positions = None
-            self.final_norm = model.model.norm
-            self.rope = True
-            rot = model.model.rotary_emb
+        parts = family.export_parts(model)
+        self.blocks = nn.ModuleList([family.export_block(layer) for layer in layers])
+        self.embed_tokens, self.project_in, self.project_out = parts.embed_tokens, parts.project_in, parts.project_out
+        self.embed_positions, self.position_offset = parts.embed_positions, parts.position_offset
+        self.final_norm = parts.final_norm
+        self.rope = parts.rotary is not None
+        if self.rope:
+            rot = parts.rotary
             pos = torch.arange(max_context, dtype=torch.float32)
             freqs = torch.outer(pos, rot.inv_freq.float().cpu())
             emb = torch.cat((freqs, freqs), dim=-1)
             self.register_buffer("rope_cos", emb.cos() * rot.attention_scaling, persistent=False)
             self.register_buffer("rope_sin", emb.sin() * rot.attention_scaling, persistent=False)
-        self.lm_head = model.lm_head
+        self.lm_head = parts.lm_head
         self.dims = [LayerDims(family.ffn_dim(layer), *(lambda a: (a.num_heads, a.num_kv_heads, a.head_dim,
                                                                    a.v_head_dim))(family.attention_layout(layer)))
                      for layer in layers]
@@ -187,7 +203,7 @@ class ExportDecoder(nn.Module):
         if self.project_in is not None:
             x = self.project_in(x)
         if self.embed_positions is not None:
-            pos = self.embed_positions.weight.narrow(0, start + 2, t)
+            pos = self.embed_positions.weight.narrow(0, start + self.position_offset, t)
             x = x + pos.unsqueeze(0)
         return x
 

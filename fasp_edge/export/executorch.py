@@ -8,6 +8,7 @@ ExecuTorch's LLM runner (``TextLLMRunner``, wrapped by Android's ``LlmModule``) 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,20 +82,23 @@ def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict) -> None
 
     if decoder.cache != "static":
         raise ValueError("ExecuTorch export needs a decoder with cache='static'")
-    decoder.reset_cache()
-    example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
-    seq = torch.export.Dim("seq", min=1, max=decoder.max_context - 1)
-    with torch.no_grad():
-        ep = torch.export.export(_Forward(decoder), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
-        ep = ep.run_decompositions({})
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                       compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                       constant_methods=metadata)
-    program = edge.to_executorch(ExecutorchBackendConfig(
-        extract_delegate_segments=True,
-        memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
-        sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
-    ))
+    # tracing and lowering warn about internals (SymInt nodes, pytree deprecations) a user cannot act on
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        decoder.reset_cache()
+        example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+        seq = torch.export.Dim("seq", min=1, max=decoder.max_context - 1)
+        with torch.no_grad():
+            ep = torch.export.export(_Forward(decoder), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
+            ep = ep.run_decompositions({})
+        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                           constant_methods=metadata)
+        program = edge.to_executorch(ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        ))
     with open(path, "wb") as f:
         program.write_to_file(f)
 

@@ -92,6 +92,15 @@ class ModelFamily:
         """Token/position embedding tables and the LM head (counted apart from the rest)."""
         raise NotImplementedError
 
+    # --- export ----------------------------------------------------------------------------
+    def export_parts(self, model: nn.Module):
+        """Embeddings, positions, final norm and LM head for :class:`~fasp_edge.export.decoder.ExportDecoder`."""
+        raise NotImplementedError
+
+    def export_block(self, layer: nn.Module) -> nn.Module:
+        """One export-friendly block re-using ``layer``'s weight modules."""
+        raise NotImplementedError
+
     # --- derived helpers shared by all families -------------------------------------------
     def ffn_dim(self, layer: nn.Module) -> int:
         return self.mlp_out(layer).in_features

@@ -93,3 +93,14 @@ class LlamaLikeFamily(ModelFamily):
 
     def embedding_modules(self, model):
         return [model.model.embed_tokens, model.lm_head]
+
+    def export_parts(self, model):
+        from ..export.decoder import ExportParts
+
+        return ExportParts(embed_tokens=model.model.embed_tokens, lm_head=model.lm_head, final_norm=model.model.norm,
+                           rotary=model.model.rotary_emb)
+
+    def export_block(self, layer):
+        from ..export.decoder import PreNormGatedBlock
+
+        return PreNormGatedBlock(self, layer)

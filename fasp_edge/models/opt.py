@@ -86,3 +86,17 @@ class OPTFamily(ModelFamily):
     def embedding_modules(self, model):
         dec = model.model.decoder
         return [dec.embed_tokens, dec.embed_positions, model.lm_head]
+
+    def export_parts(self, model):
+        from ..export.decoder import ExportParts
+
+        dec = model.model.decoder
+        # transformers' OPTLearnedPositionalEmbedding looks positions up at an offset of 2
+        return ExportParts(embed_tokens=dec.embed_tokens, lm_head=model.lm_head, final_norm=dec.final_layer_norm,
+                           project_in=dec.project_in, project_out=dec.project_out,
+                           embed_positions=dec.embed_positions, position_offset=dec.embed_positions.offset)
+
+    def export_block(self, layer):
+        from ..export.decoder import OPTBlock
+
+        return OPTBlock(self, layer)
