@@ -62,7 +62,7 @@ def main() -> None:
             art = m["artifacts"][fmt]
             model_files = [f for f in m["files"] if f.startswith("model.")]
             row = {"model": name, "variant": variant, "format": fmt, "quant": quant,
-                   "cli_seconds": round(seconds, 1), "export_seconds": art["export_seconds"],
+                   "cli_seconds": round(seconds, 1), "export_seconds": art.get("export_seconds", round(seconds, 1)),
                    "model_bytes": sum(m["files"][f]["bytes"] for f in model_files),
                    "bundle_bytes": sum(f["bytes"] for f in m["files"].values()),
                    "parity": m["parity"][fmt], "decoder_parity": m["parity"]["decoder_vs_transformers"],
