@@ -9,6 +9,7 @@ DATA="${FASP_EDGE_SHARED_DATA:-../shared/data}"
 CALIB_FILE="${CALIB_FILE:-$DATA/wikitext2/wiki.valid.tokens}"
 EVAL_FILE="${EVAL_FILE:-$DATA/wikitext2/wiki.test.joined.txt}"
 WINDOWS="${WINDOWS:-16}"
+NSAMPLES="${NSAMPLES:-128}"
 for f in "$CALIB_FILE" "$EVAL_FILE"; do
     if [ ! -f "$f" ]; then
         echo "quickstart: $f not found; set CALIB_FILE (validation text) and EVAL_FILE (test text)" >&2
@@ -16,7 +17,7 @@ for f in "$CALIB_FILE" "$EVAL_FILE"; do
     fi
 done
 FE=.venv/bin/fasp-edge
-$FE prune --sparsity 0.2 --calib-file "$CALIB_FILE" --nsamples 128 --seqlen 512 --seed 0 \
+$FE prune --sparsity 0.2 --calib-file "$CALIB_FILE" --nsamples "$NSAMPLES" --seqlen 512 --seed 0 \
     -o out/smollm2-fasp20 --overwrite
 echo "dense:   $($FE --quiet eval --text-file "$EVAL_FILE" --seqlen 512 --max-windows "$WINDOWS")"
 echo "FASP 20%: $($FE --quiet eval out/smollm2-fasp20 --text-file "$EVAL_FILE" --seqlen 512 --max-windows "$WINDOWS")"
