@@ -33,7 +33,13 @@ def _positive_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
     return value
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=float, required=True, help="fraction of channels removed in every pair, [0, 1)")
     p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp or magnitude")
     p.add_argument("--targets", default="mlp,attn", help="pairs to prune: mlp, attn or mlp,attn (default)")
-    p.add_argument("--align", type=_positive_int, default=1, help="round kept widths to a multiple of N (power of two)")
+    p.add_argument("--align", type=int, default=1, help="round kept widths to a multiple of N (power of two)")
     p.add_argument("--damp", type=float, default=0.01, help="ridge damping λ of the restoration (default 0.01)")
     p.add_argument("--calib-file", default=None, help="calibration text file (use validation text, e.g. WikiText-2 valid)")
     p.add_argument("--calib-dataset", default=None, help="wikitext2 or c4 through `datasets` (needs network or cache)")
@@ -81,7 +87,73 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=_positive_int, default=None)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--max-context", type=_positive_int, default=512, help="--backend torch: KV-cache length")
+
+    p = sub.add_parser("bench", help="measure load time, TTFT, tokens/s and memory of bundles under device profiles")
+    p.add_argument("bundles", nargs="+", help="bundle folders made by `fasp-edge export`; every row is compared with "
+                   "the first dense (unpruned, unquantized) bundle given that has the same backend")
+    p.add_argument("--profiles", default=None,
+                   help="comma-separated device profiles (default: hub,phone-mid; see `fasp-edge profiles`)")
+    p.add_argument("--profile-file", action="append", default=[], metavar="TOML",
+                   help="a profile of your own (repeatable); measured when --profiles is not given or names it")
+    p.add_argument("--backends", default="pte,onnx,torch",
+                   help="comma-separated: pte, onnx, torch (default: all; a bundle without an artifact is skipped)")
+    p.add_argument("--optimum-onnx", action="append", default=[], metavar="DIR",
+                   help="also measure optimum's ONNX export of the dense model (optimum-cli export onnx --task "
+                   "text-generation-with-past) as the reference for our ONNX rows (repeatable)")
+    p.add_argument("--reps", type=_positive_int, default=5, help="counted generations per row (default 5)")
+    p.add_argument("--warmup", type=int, default=1, help="uncounted generations first (default 1)")
+    p.add_argument("--rounds", type=_positive_int, default=1, help="run every measurement N times over, each in a "
+                   "fresh process, and pool the runs (default 1; use 3 on a shared or throttling machine)")
+    p.add_argument("-o", "--output", default="results", help="folder for bench.json, bench.md and plots "
+                   "(default: results)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+    p = sub.add_parser("profiles", help="list the device profiles and what each stands for")
+    p.add_argument("--profile-file", action="append", default=[], metavar="TOML", help="also check and show this file")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each profile's note (sources, rationale)")
     return parser
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .fsutil import check_output_dir
+    from .runtime_bench.harness import check_backends, run_bench
+    from .runtime_bench.profiles import resolve_profiles
+    from .runtime_bench.report import write_report
+
+    backends = check_backends(_names(args.backends))
+    names = _names(args.profiles) if args.profiles is not None else ([] if args.profile_file else ["hub", "phone-mid"])
+    profiles = resolve_profiles(names, args.profile_file)
+    check_output_dir(args.output, args.overwrite)
+    if args.warmup < 0:
+        raise InvalidArgument(f"--warmup must be >= 0, got {args.warmup}")
+    doc = run_bench(args.bundles, profiles, backends, reps=args.reps, warmup=args.warmup, rounds=args.rounds,
+                    optimum_onnx=args.optimum_onnx, progress=not args.quiet)
+    out = write_report(doc, args.output, overwrite=args.overwrite)
+    ok = [r for r in doc["results"] if r["status"] == "ok"]
+    for r in ok:
+        v = r.get("vs_dense")
+        ratio = f"  ({v['decode_speedup']:.2f}x {v['reference']})" if v and v["decode_speedup"] else ""
+        print(f"{r['profile']:>14} {r['backend']:>5} {r['bundle']:<28} decode "
+              f"{r['metrics']['decode_tokens_per_s']['median']:7.1f} tok/s  TTFT "
+              f"{1000 * r['metrics']['ttft_s']['median']:7.1f} ms  model {r['memory']['model_rss_mb']:6.0f} MB "
+              f"{r['memory']['verdict']}{ratio}")
+    failed = [r for r in doc["results"] if r["status"] == "failed"]
+    print(f"{len(ok)} measured, {len(doc['results']) - len(ok) - len(failed)} skipped, {len(failed)} failed; "
+          f"wrote {out}/bench.json, bench.md and plots")
+    return 0
+
+
+def _cmd_profiles(args: argparse.Namespace) -> int:
+    from .runtime_bench.profiles import builtin_profiles, load_profile_file
+
+    profiles = list(builtin_profiles().values()) + [load_profile_file(f) for f in args.profile_file]
+    print(f"{'profile':<15} {'threads':>7} {'budget MB':>9} {'prompt':>6} {'gen':>5} {'context':>7}  stands for")
+    for p in profiles:
+        print(f"{p.name:<15} {p.threads:>7} {p.memory_budget_mb:>9} {p.prompt_tokens:>6} {p.generate_tokens:>5} "
+              f"{p.context_length:>7}  {p.description}")
+        if args.verbose and p.note:
+            print("    " + " ".join(p.note.split()) + f"\n    ({p.source})")
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -160,7 +232,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .fsutil import check_output_dir, state_dict_sha256
-    from .models.loading import load_model
+    from .models.loading import load_model, sentencepiece_file
     from .pipeline.calibration import calibration_windows
     from .pipeline.checkpoint import fasp_section, save_pruned
     from .pipeline.fasp import check_prune_arguments, prune
@@ -201,8 +273,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         "targets": list(result.targets), "align": args.align, "damp": args.damp, "calibration": calib_desc,
         "source_model": {"name": loaded.source, "sha256": source_hash},
     })
+    spm = sentencepiece_file(loaded)
     save_pruned(model, tokenizer, args.output, section, overwrite=args.overwrite,
-                extra_files={"fasp_report.json": json.dumps(report, indent=2) + "\n"})
+                extra_files={"fasp_report.json": json.dumps(report, indent=2) + "\n"},
+                copy_files={"tokenizer.model": spm} if spm else None)
     print(f"pruned {loaded.source} with {args.method} at sparsity {args.sparsity}: "
           f"{result.params_before:,} -> {result.params_after:,} parameters "
           f"({100 * report['param_reduction']:.1f}% fewer; non-embedding "
@@ -234,7 +308,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate}
+COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate,
+            "bench": _cmd_bench, "profiles": _cmd_profiles}
 
 
 def main(argv: list[str] | None = None) -> int:

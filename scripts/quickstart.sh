@@ -18,6 +18,6 @@ for f in "$CALIB_FILE" "$EVAL_FILE"; do
 done
 FE=.venv/bin/fasp-edge
 $FE prune --sparsity 0.2 --calib-file "$CALIB_FILE" --nsamples "$NSAMPLES" --seqlen 512 --seed 0 \
-    -o out/smollm2-fasp20 --overwrite
+    -o out/quickstart-fasp20 --overwrite
 echo "dense:   $($FE --quiet eval --text-file "$EVAL_FILE" --seqlen 512 --max-windows "$WINDOWS")"
-echo "FASP 20%: $($FE --quiet eval out/smollm2-fasp20 --text-file "$EVAL_FILE" --seqlen 512 --max-windows "$WINDOWS")"
+echo "FASP 20%: $($FE --quiet eval out/quickstart-fasp20 --text-file "$EVAL_FILE" --seqlen 512 --max-windows "$WINDOWS")"

@@ -79,3 +79,26 @@ def random_windows(n: int = 8, seqlen: int = 16, vocab: int = 96, seed: int = 0)
 @pytest.fixture
 def windows():
     return random_windows()
+
+
+@pytest.fixture(scope="session")
+def stories_bundles(tmp_path_factory):
+    """stories260K dense and FASP-0.3 bundles (pte + onnx, 128 positions), shared by the export and bench tests.
+
+    The pruned model is a checkpoint on disk (made by ``fasp-edge prune``), so its bundle names a PyTorch
+    model that ``bench --backends torch`` can load. Maps name -> (bundle folder, loaded model).
+    """
+    if not (STORIES.exists() and TINYSTORIES.exists()):
+        pytest.skip("shared stories260K data absent")
+    from fasp_edge import export_bundle, load_model
+    from fasp_edge.cli import main
+
+    root = tmp_path_factory.mktemp("bundles")
+    assert main(["-q", "prune", str(STORIES), "--sparsity", "0.3", "--calib-file", str(TINYSTORIES),
+                 "--nsamples", "16", "--seqlen", "128", "-o", str(root / "fasp-checkpoint")]) == 0
+    out = {}
+    for name, src in (("dense", STORIES), ("fasp", root / "fasp-checkpoint")):
+        loaded = load_model(str(src))
+        export_bundle(loaded, root / name, formats=["pte", "onnx"], max_context=128, progress=False)
+        out[name] = (root / name, loaded)
+    return out

@@ -58,23 +58,7 @@ def test_context_longer_than_model_is_refused():
         ExportDecoder(MODEL_BUILDERS["opt"](), max_context=129)
 
 
-# ---------------------------------------------------------------- bundles of the real model
-@pytest.fixture(scope="module")
-def stories_bundles(tmp_path_factory):
-    if not (STORIES.exists() and TINYSTORIES.exists()):
-        pytest.skip("shared stories260K data absent")
-    root = tmp_path_factory.mktemp("bundles")
-    dense = load_model(STORIES)
-    pruned = load_model(STORIES)
-    cal = calibration_windows(pruned.tokenizer, file=TINYSTORIES, nsamples=16, seqlen=128, seed=0)
-    prune(pruned.model, sparsity=0.3, calibration=cal.windows, progress=False)
-    out = {}
-    for name, loaded in (("dense", dense), ("fasp", pruned)):
-        export_bundle(loaded, root / name, formats=["pte", "onnx"], max_context=128, progress=False)
-        out[name] = (root / name, loaded)
-    return out
-
-
+# ---------------------------------------------------------------- bundles of the real model (conftest.stories_bundles)
 @pytest.mark.parametrize("which", ["dense", "fasp"])
 def test_bundle_manifest_and_parity(stories_bundles, which):
     path, loaded = stories_bundles[which]
@@ -258,3 +242,10 @@ def test_runner_tokenizer_ids_equal_transformers_smollm2(tmp_path):
     save_tokenizer(tok, tmp_path)
     assert json.loads((tmp_path / "tokenizer.json").read_text())["normalizer"] is None
     assert _runner_ids(tmp_path) == tok(_sample_text(), add_special_tokens=False).input_ids
+
+
+def test_pruned_checkpoint_carries_the_sentencepiece_model(stories_bundles):
+    """`fasp-edge prune` copies the source's tokenizer.model, so the runner of a pruned bundle can read it."""
+    path, _ = stories_bundles["fasp"]
+    assert (path.parent / "fasp-checkpoint" / "tokenizer.model").is_file()
+    assert load_bundle(path).manifest["tokenizer"]["runner_tokenizer"] == "tokenizer.model"

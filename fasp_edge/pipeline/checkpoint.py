@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,10 @@ def fasp_section(model: torch.nn.Module, *, method: str, sparsity: float, extra:
 
 
 def save_pruned(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, section: dict, *,
-                overwrite: bool = False, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a pruned checkpoint atomically; ``extra_files`` maps file names to text contents."""
+                overwrite: bool = False, extra_files: dict[str, str] | None = None,
+                copy_files: dict[str, Path] | None = None) -> Path:
+    """Write a pruned checkpoint atomically; ``extra_files`` maps file names to text contents, ``copy_files``
+    to files copied in (the source's ``tokenizer.model``)."""
     family = family_for(model)
     config = model.config
     previous = {k: getattr(config, k, None) for k in ("fasp", family.ffn_config_key)}
@@ -60,6 +63,8 @@ def save_pruned(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, 
                 save_tokenizer(tokenizer, tmp)
             for name, body in (extra_files or {}).items():
                 (tmp / name).write_text(body)
+            for name, src in (copy_files or {}).items():
+                shutil.copyfile(src, tmp / name)
     finally:
         for k, v in previous.items():
             if v is None and hasattr(config, k):
@@ -110,7 +115,8 @@ def load_pruned(path: str | os.PathLike) -> torch.nn.Module:
         state = load_file(weights)
     except Exception as e:
         raise ModelLoadError(f"cannot read {weights}: {e}") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    # assign: the parameters take the loaded tensors instead of copying them (the peak stays one model, not two)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if config.tie_word_embeddings else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

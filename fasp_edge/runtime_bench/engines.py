@@ -30,20 +30,28 @@ class Engine(Protocol):
 
     def reset(self) -> None: ...
 
+    def thread_settings(self) -> dict[str, int | bool]: ...
+
 
 class TorchEngine:
     """PyTorch eager over the export decoder (static KV cache), from a model in memory."""
 
     name = "torch"
 
-    def __init__(self, model: torch.nn.Module, max_context: int):
+    def __init__(self, model: torch.nn.Module, max_context: int, threads: int | None = None):
         from ..export.decoder import ExportDecoder
 
+        if threads:
+            torch.set_num_threads(threads)
         self.decoder = ExportDecoder(model.eval(), max_context=max_context, cache="static")
         self.max_context = max_context
 
     def reset(self) -> None:
         self.decoder.reset_cache()
+
+    def thread_settings(self) -> dict[str, int | bool]:
+        """The settings as the runtime reports them back (not as asked)."""
+        return {"torch_threads": torch.get_num_threads()}
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -51,18 +59,27 @@ class TorchEngine:
 
 
 class PteEngine:
+    """ExecuTorch (XNNPACK) through ``executorch.runtime``; ``threads`` sizes its (process-wide) thread pool."""
+
     name = "pte"
 
-    def __init__(self, path: Path, max_context: int):
+    def __init__(self, path: Path, max_context: int, threads: int | None = None):
         try:
-            from ..export.executorch import PteModel
+            from ..export.executorch import PteModel, set_threadpool_size
         except ImportError as e:
             raise BackendUnavailable(f"ExecuTorch is not installed ({e}); pip install executorch") from None
+        if threads:
+            set_threadpool_size(threads)
         self.model = PteModel(path)
         self.max_context = max_context
 
     def reset(self) -> None:  # positions restart at 0; the causal mask hides stale cache entries
         pass
+
+    def thread_settings(self) -> dict[str, int | bool]:
+        from ..export.executorch import threadpool_size
+
+        return {"executorch_threadpool": threadpool_size(), "torch_threads": torch.get_num_threads()}
 
     def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         return self.model.step(tokens, start)
@@ -76,11 +93,15 @@ class OnnxEngine:
             from ..export.onnx import OnnxModel
         except ImportError as e:
             raise BackendUnavailable(f"ONNX Runtime is not installed ({e}); pip install onnxruntime") from None
-        self.model = OnnxModel(path, threads=threads)
+        # one inter-op thread: a decoder graph is a chain, parallel branches would only compete for cores
+        self.model = OnnxModel(path, threads=threads, inter_threads=1 if threads else None)
         self.max_context = max_context
 
     def reset(self) -> None:
         self.model.reset()
+
+    def thread_settings(self) -> dict[str, int | bool]:
+        return {**self.model.thread_settings(), "torch_threads": torch.get_num_threads()}
 
     def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
         return self.model.step(tokens, start)
@@ -94,7 +115,7 @@ def open_engine(backend: str, *, bundle=None, model: torch.nn.Module | None = No
     if backend == "torch":
         if model is None:
             raise InvalidArgument("--backend torch needs a model or checkpoint folder, not a bundle")
-        return TorchEngine(model, max_context)
+        return TorchEngine(model, max_context, threads=threads)
     if bundle is None:
         raise InvalidArgument(f"--backend {backend} needs a bundle made by `fasp-edge export`")
     if backend not in bundle.formats:
@@ -102,7 +123,7 @@ def open_engine(backend: str, *, bundle=None, model: torch.nn.Module | None = No
                               f"re-export with --formats {backend}")
     path = bundle.file(bundle.manifest["artifacts"][backend]["file"])
     if backend == "pte":
-        return PteEngine(path, bundle.max_context)
+        return PteEngine(path, bundle.max_context, threads=threads)
     return OnnxEngine(path, bundle.max_context, threads=threads)
 
 

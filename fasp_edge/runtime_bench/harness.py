@@ -1,0 +1,315 @@
+"""The benchmark harness: every (bundle, backend, profile) measured in its own fresh process.
+
+:func:`run_bench` checks its inputs up front (profiles, backends, every bundle's files against its
+manifest), then starts :mod:`.measure` once per combination, collects the records, and adds the
+comparison each pruned or quantized bundle is read by: its speed-up and memory ratio against the dense,
+unquantized bundle on the same backend and profile, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import InvalidArgument
+from ..export.bundle import Bundle, load_bundle
+from .engines import BACKENDS
+from .measure import PROGRESS_MARK, host_facts, summarize
+from .profiles import Profile
+
+log = logging.getLogger(__name__)
+
+SCHEMA_NAME = "fasp-edge-bench"
+SCHEMA_VERSION = 1
+DEFAULT_REPS = 5
+MEASURE_TIMEOUT_S = 3600
+
+
+@dataclass
+class Target:
+    """A bundle under test, with the short label the tables use."""
+
+    label: str
+    bundle: Bundle
+    external: str | None = None  # "optimum-onnx": a reference export, not a fasp-edge bundle
+
+    @property
+    def manifest(self) -> dict:
+        return self.bundle.manifest
+
+    @property
+    def pruned(self) -> bool:
+        return bool(self.manifest["model"].get("fasp"))
+
+    @property
+    def quantization(self) -> str:
+        return self.manifest.get("quantization", "none")
+
+    def describe(self) -> dict:
+        m = self.manifest
+        fasp = m["model"].get("fasp") or None
+        return {"label": self.label, "external": self.external, "path": str(self.bundle.path), "formats": self.bundle.formats,
+                "pruning": ({"method": fasp.get("method"), "sparsity": fasp.get("sparsity")} if fasp else None),
+                "quantization": self.quantization, "precision": m.get("precision", "float32"),
+                "parameters": m["model"].get("parameters"), "max_context": m["max_context"],
+                "source": m["model"].get("source"),
+                "files_bytes": sum(f["bytes"] for f in m["files"].values())}
+
+
+def check_backends(backends: list[str]) -> list[str]:
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or not backends:
+        raise InvalidArgument(f"unknown backend {','.join(bad) or '(none)'}; choose from {', '.join(BACKENDS)} "
+                              "(e.g. --backends pte,onnx)")
+    return list(dict.fromkeys(backends))
+
+
+def load_targets(paths: list[str]) -> list[Target]:
+    """Load and verify every bundle (sizes and sha256 against its manifest) before anything runs."""
+    if not paths:
+        raise InvalidArgument("no bundle given; pass one or more bundle folders made by `fasp-edge export`")
+    targets: list[Target] = []
+    for p in paths:
+        targets.append(Target(unique_label(Path(p).resolve().name, targets), load_bundle(p)))
+    return targets
+
+
+def unique_label(name: str, targets: list[Target]) -> str:
+    label, n = name, 2
+    while any(t.label == label for t in targets):
+        label, n = f"{name}-{n}", n + 1
+    return label
+
+
+def optimum_target(path: str | os.PathLike) -> Target:
+    """An ``optimum-cli export onnx --task text-generation-with-past`` folder, as a reference ONNX target.
+
+    It has no manifest; a minimal one is made from its config and files (nothing to verify against).
+    """
+    folder = Path(path)
+    if not (folder / "model.onnx").is_file() or not (folder / "config.json").is_file():
+        raise InvalidArgument(f"--optimum-onnx {folder}: expected an optimum ONNX export folder with model.onnx and "
+                              "config.json (optimum-cli export onnx -m MODEL --task text-generation-with-past DIR)")
+    cfg = json.loads((folder / "config.json").read_text())
+    files = {f.name: {"bytes": f.stat().st_size} for f in folder.iterdir() if f.is_file()}
+    data = sorted(n for n in files if n.startswith("model.onnx") and n != "model.onnx")
+    manifest = {"format": "optimum-onnx", "model": {"fasp": None, "source": str(folder), "vocab_size": cfg["vocab_size"],
+                                                    "parameters": None},
+                "max_context": int(cfg.get("max_position_embeddings") or 2048),
+                "tokenizer": {"hf_tokenizer": "tokenizer.json", "add_bos": False, "bos_id": None},
+                "quantization": "none", "precision": "float32",
+                "artifacts": {"onnx": {"file": "model.onnx", "external_data": data}}, "files": files}
+    return Target(folder.resolve().name, Bundle(folder, manifest), external="optimum-onnx")
+
+
+def torch_source(target: Target) -> str | None:
+    """What :func:`load_model` needs for the PyTorch model a bundle came from (None: the embedded default)."""
+    from ..models.loading import DEFAULT_MODEL_NAME
+
+    src = target.manifest["model"].get("source")
+    if src == DEFAULT_MODEL_NAME:
+        return None
+    return src
+
+
+# ------------------------------------------------------------------------------------------ running
+def _skip(target: Target, backend: str, profile: Profile, reason: str) -> dict:
+    return {"bundle": target.label, "backend": backend, "profile": profile.name, "status": "skipped",
+            "reason": reason}
+
+
+def run_measurement(target: Target, backend: str, profile: Profile, reps: int, warmup: int,
+                    torch_model: str | None = None, on_rep=None, timeout_s: float = MEASURE_TIMEOUT_S) -> dict:
+    """One measurement in a fresh interpreter (see :mod:`.measure`); never raises for a runtime failure."""
+    spec = {"bundle": str(target.bundle.path), "label": target.label, "backend": backend,
+            "profile": profile.to_dict(), "reps": reps, "warmup": warmup, "torch_model": torch_model,
+            "manifest": target.manifest, "external": target.external}
+    with tempfile.TemporaryDirectory(prefix="fasp-edge-bench-") as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        cmd = [sys.executable, "-m", "fasp_edge.runtime_bench.measure", str(spec_path), str(out_path)]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                errors="replace")
+        tail: deque[str] = deque(maxlen=20)
+
+        def pump() -> None:
+            for line in proc.stderr:
+                if line.startswith(PROGRESS_MARK):
+                    if on_rep:
+                        on_rep()
+                elif line.strip():
+                    tail.append(line.rstrip())
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        try:
+            code = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return {**_skip(target, backend, profile, ""), "status": "failed",
+                    "reason": f"timed out after {timeout_s:.0f} s"}
+        except BaseException:  # Ctrl-C: stop the child too, leave nothing behind
+            proc.kill()
+            proc.wait()
+            raise
+        reader.join(timeout=5)
+        if out_path.is_file():
+            result = json.loads(out_path.read_text())
+            if result["status"] == "failed" and tail:
+                result["reason"] += f" (last output: {tail[-1][:300]})"
+            return result
+        detail = f"; last output: {tail[-1][:300]}" if tail else ""
+        how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        return {**_skip(target, backend, profile, ""), "status": "failed",
+                "reason": f"the measuring process {how} (out of memory?){detail}"}
+
+
+def plan(targets: list[Target], backends: list[str], profiles: list[Profile]) -> list[tuple]:
+    """Every (target, backend, profile) to measure, or to record as skipped with the reason."""
+    jobs = []
+    torch_seen: dict[str, str] = {}
+    for profile in profiles:
+        for target in targets:
+            for backend in backends:
+                if backend == "torch" and target.external:
+                    jobs.append(("skip", target, backend, profile, "a reference ONNX export is measured on the onnx "
+                                                                    "backend only"))
+                elif backend == "torch":
+                    src = str(torch_source(target))
+                    key = f"{profile.name}:{src}"
+                    if key in torch_seen:
+                        jobs.append(("skip", target, backend, profile,
+                                     f"same PyTorch model as bundle {torch_seen[key]} (the torch backend runs the "
+                                     "source checkpoint, not an artifact), measured there"))
+                        continue
+                    torch_seen[key] = target.label
+                    jobs.append(("run", target, backend, profile, torch_source(target)))
+                elif backend not in target.bundle.formats:
+                    jobs.append(("skip", target, backend, profile,
+                                 f"the bundle has no {backend} artifact (it has {', '.join(target.bundle.formats)})"))
+                else:
+                    jobs.append(("run", target, backend, profile, None))
+    return jobs
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One row from the same measurement repeated in several fresh processes: the metrics pool every counted
+    run (load time: one per process), memory keeps the highest peak, ``not_applied`` the union."""
+    ok = [r for r in rounds if r["status"] == "ok"]
+    if len(ok) < len(rounds) or len(rounds) == 1:
+        return next((r for r in rounds if r["status"] != "ok"), rounds[0])
+    out = dict(ok[0])
+    out["metrics"] = {k: summarize([v for r in ok for v in r["metrics"][k]["values"]]) for k in ok[0]["metrics"]}
+    out["memory"] = max((r["memory"] for r in ok), key=lambda m: m["model_rss_mb"])
+    out["not_applied"] = list(dict.fromkeys(n for r in ok for n in r["not_applied"]))
+    out["rounds"] = len(ok)
+    return out
+
+
+def run_bench(bundle_paths: list[str], profiles: list[Profile], backends: list[str], *, reps: int = DEFAULT_REPS,
+              warmup: int = 1, rounds: int = 1, optimum_onnx: list[str] | None = None, progress: bool = True) -> dict:
+    """Measure every bundle on every backend under every profile; return the ``bench.json`` document.
+
+    With ``rounds`` > 1 the whole list of measurements is run that many times over, each time in fresh
+    processes, and each row pools its runs: slow drift of a shared machine then falls on every row alike
+    instead of on whichever ran during it. ``optimum_onnx`` folders (optimum's ONNX export of the dense
+    model) are measured on the onnx backend as the reference our own ONNX export is compared with.
+    """
+    if reps < 1 or warmup < 0 or rounds < 1:
+        raise InvalidArgument(f"--reps and --rounds must be >= 1 and --warmup >= 0 (got {reps}, {rounds}, {warmup})")
+    backends = check_backends(backends)
+    targets = load_targets(bundle_paths)
+    for p in optimum_onnx or []:
+        ref = optimum_target(p)
+        ref.label = unique_label(ref.label, targets)
+        targets.append(ref)
+    jobs = plan(targets, backends, profiles)
+    started = time.time()
+    from tqdm import tqdm
+
+    runs = sum(1 for j in jobs if j[0] == "run")
+    measured: dict[int, list[dict]] = {i: [] for i, j in enumerate(jobs) if j[0] == "run"}
+    with tqdm(total=rounds * runs * (reps + warmup), unit="gen", desc="bench", disable=not progress,
+              leave=False) as bar:
+        for rnd in range(rounds):
+            for i in measured:
+                _, target, backend, profile, extra = jobs[i]
+                bar.set_postfix_str(f"{target.label} {backend} {profile.name}"
+                                    + (f" round {rnd + 1}/{rounds}" if rounds > 1 else ""))
+                done_before = bar.n
+                res = run_measurement(target, backend, profile, reps, warmup, torch_model=extra,
+                                      on_rep=lambda: bar.update(1))
+                bar.update(done_before + reps + warmup - bar.n)
+                if res["status"] != "ok":
+                    log.warning("%s / %s / %s %s: %s", target.label, backend, profile.name, res["status"],
+                                res["reason"])
+                measured[i].append(res)
+    results = [merge_rounds(measured[i]) if kind == "run" else _skip(target, backend, profile, extra)
+               for i, (kind, target, backend, profile, extra) in enumerate(jobs)]
+    add_comparisons(results, targets)
+    return {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "created_unix": int(started),
+            "duration_s": round(time.time() - started, 1), "host": host_facts(),
+            "settings": {"reps": reps, "warmup": warmup, "rounds": rounds, "backends": backends,
+                         "profiles": [p.name for p in profiles]},
+            "profiles": {p.name: p.to_dict() for p in profiles},
+            "bundles": [t.describe() for t in targets], "results": results}
+
+
+# ------------------------------------------------------------------------------------------ comparing
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return round(a / b, 4)
+
+
+def reference_row(r: dict, targets: list[Target], ok: dict) -> dict | None:
+    """The row ``r`` is compared with: the first dense (unpruned), unquantized bundle measured on the same backend
+    and profile. The torch backend runs a bundle's source model, so any dense bundle's torch row will do."""
+    for t in targets:
+        if t.pruned or t.external or (t.quantization != "none" and r["backend"] != "torch"):
+            continue
+        ref = ok.get((t.label, r["backend"], r["profile"]))
+        if ref is not None:
+            return ref
+    return None
+
+
+def _versus(r: dict, ref: dict) -> dict:
+    m, rm = r["metrics"], ref["metrics"]
+    return {
+        "reference": ref["bundle"],
+        "decode_speedup": _ratio(m["decode_tokens_per_s"]["median"], rm["decode_tokens_per_s"]["median"]),
+        "prefill_speedup": _ratio(m["prefill_tokens_per_s"]["median"], rm["prefill_tokens_per_s"]["median"]),
+        "ttft_speedup": _ratio(rm["ttft_s"]["median"], m["ttft_s"]["median"]),
+        "load_speedup": _ratio(rm["load_s"]["median"], m["load_s"]["median"]),
+        "memory_ratio": _ratio(r["memory"]["model_rss_mb"], ref["memory"]["model_rss_mb"]),
+        "peak_rss_ratio": _ratio(r["memory"]["peak_rss_mb"], ref["memory"]["peak_rss_mb"]),
+        "size_ratio": _ratio(r["artifact_bytes"], ref["artifact_bytes"]),
+    }
+
+
+def add_comparisons(results: list[dict], targets: list[Target]) -> None:
+    """Give each measured row its ratios against the dense fp32 bundle on the same backend and profile
+    (``vs_dense``), and each ONNX row of a bundle its ratios against optimum's export (``vs_optimum``)."""
+    by_label = {t.label: t for t in targets}
+    ok = {(r["bundle"], r["backend"], r["profile"]): r for r in results if r["status"] == "ok"}
+    optimum = {pr: x for (lbl, be, pr), x in ok.items() if by_label[lbl].external == "optimum-onnx"}
+    for r in results:
+        if r["status"] != "ok":
+            continue
+        external = by_label[r["bundle"]].external
+        if r["backend"] == "onnx" and not external and r["profile"] in optimum:
+            r["vs_optimum"] = _versus(r, optimum[r["profile"]])
+        ref = None if external else reference_row(r, targets, ok)
+        r["vs_dense"] = None if ref is None or ref is r else _versus(r, ref)
