@@ -51,6 +51,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3, help="fresh-process rounds over all rows, pooled (default 3)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--summarize-only", action="store_true",
+                    help="rebuild runtime.json/md from an existing results/runtime/bench.json without measuring")
     args = ap.parse_args()
     root = Path(args.bundles)
     bundles = [root / f"smollm2-{m}-{v}" for m in MODELS for v in VARIANTS]
@@ -59,14 +61,15 @@ def main() -> None:
         sys.exit("runtime.py: missing bundles (make them with `python benchmarks/export.py --reuse`): "
                  + ", ".join(missing))
     optimum = root / "smollm2-dense-optimum-onnx"
-    if not (optimum / "model.onnx").is_file():
+    if not (optimum / "model.onnx").is_file() and not args.summarize_only:
         _optimum_export(optimum)
     out = Path(args.out)
     cmd = [sys.executable, "-m", "fasp_edge.cli", "bench", *map(str, bundles), "--optimum-onnx", str(optimum),
            "--profiles", args.profiles, "--backends", args.backends, "--reps", str(args.reps), "--rounds", str(args.rounds),
            "-o", str(out / "runtime"), "--overwrite"]
-    print(" ".join(cmd[2:]), file=sys.stderr, flush=True)
-    subprocess.run(cmd, check=True)
+    if not args.summarize_only:
+        print(" ".join(cmd[2:]), file=sys.stderr, flush=True)
+        subprocess.run(cmd, check=True)
     doc = json.loads((out / "runtime" / "bench.json").read_text())
     rows = {(r["bundle"], r["backend"], r["profile"]): r for r in doc["results"] if r["status"] == "ok"}
 
@@ -89,7 +92,7 @@ def main() -> None:
                                                 .get("metrics", {}).get("decode_tokens_per_s", {}).get("median")),
         }
         bars[prof] = {k: {"value": v, "bar": BARS[k], "met": v is not None and v >= BARS[k]} for k, v in got.items()}
-    summary = {"command": "python benchmarks/runtime.py " + " ".join(sys.argv[1:]),
+    summary = {"command": "python benchmarks/runtime.py " + " ".join(a for a in sys.argv[1:] if a != "--summarize-only"),
                "bench_command": "fasp-edge " + " ".join(cmd[3:]).replace(str(REPO) + "/", ""),
                "host": doc["host"], "bars": bars}
     (out / "runtime.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -104,7 +107,10 @@ def main() -> None:
             continue
         v = r.get("vs_dense") or {}
         speed = f"{v['decode_speedup']:.2f}x" if v.get("decode_speedup") else "–" if "optimum" in r["bundle"] else "ref"
-        lines.append(f"| {r['profile']} | {r['backend']} | {r['bundle'].removeprefix('smollm2-')} | "
+        model = r["bundle"].removeprefix("smollm2-")
+        if r["backend"] == "torch":  # measured once per source model, under its first bundle
+            model = model.split("-")[0] + " (PyTorch checkpoint)"
+        lines.append(f"| {r['profile']} | {r['backend']} | {model} | "
                      f"{r['metrics']['decode_tokens_per_s']['median']:.1f} | {speed} | "
                      f"{1000 * r['metrics']['ttft_s']['median']:.0f} | {r['memory']['model_rss_mb']:.0f} | "
                      f"{'fits' if r['memory']['verdict'] == 'within budget' else 'over'} ({r['memory']['budget_mb']}) | "
