@@ -55,7 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--align", type=int, default=1, help="round kept widths to a multiple of N (power of two)")
     p.add_argument("--damp", type=float, default=0.01, help="ridge damping λ of the restoration (default 0.01)")
     p.add_argument("--calib-file", default=None, help="calibration text file (use validation text, e.g. WikiText-2 valid)")
-    p.add_argument("--calib-dataset", default=None, help="wikitext2 or c4 through `datasets` (needs network or cache)")
+    p.add_argument("--calib-dataset", default=None, help="wikitext2 or c4 through `datasets` (needs network or cache); "
+                   "with neither this nor --calib-file, calibration text is sampled from the model itself")
+    p.add_argument("--calib-temperature", type=float, default=1.0,
+                   help="sampling temperature of self-generated calibration text (default 1.0: the model's own "
+                   "distribution)")
     p.add_argument("--nsamples", type=_positive_int, default=128, help="calibration windows (default 128)")
     p.add_argument("--seqlen", type=_positive_int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration windows (default 0)")
@@ -233,7 +237,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .fsutil import check_output_dir, state_dict_sha256
     from .models.loading import load_model, sentencepiece_file
-    from .pipeline.calibration import calibration_windows
+    from .pipeline.calibration import calibration_windows, self_generated_windows
     from .pipeline.checkpoint import fasp_section, save_pruned
     from .pipeline.fasp import check_prune_arguments, prune
 
@@ -241,9 +245,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp)
     if args.calib_file and args.calib_dataset:
         raise InvalidArgument("give either --calib-file or --calib-dataset, not both")
-    if args.method != "magnitude" and args.sparsity > 0 and not (args.calib_file or args.calib_dataset):
-        raise InvalidArgument(f"--method {args.method} needs calibration text: --calib-file FILE (offline) or "
-                              "--calib-dataset wikitext2|c4")
+    if args.calib_temperature <= 0:
+        raise InvalidArgument(f"--calib-temperature must be > 0, got {args.calib_temperature}")
     if args.calib_file and not Path(args.calib_file).is_file():
         raise InvalidArgument(f"--calib-file {args.calib_file} does not exist")
     check_output_dir(args.output, args.overwrite)
@@ -258,6 +261,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.calib_file or args.calib_dataset:
         calib = calibration_windows(tokenizer, file=args.calib_file, dataset=args.calib_dataset,
                                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
+        calib_desc = calib.description
+    elif args.method != "magnitude" and args.sparsity > 0:  # data-free: text sampled from the model itself
+        log.info("no calibration text given: sampling %d x %d tokens from the model itself (temperature %.2g)",
+                 args.nsamples, args.seqlen, args.calib_temperature)
+        calib = self_generated_windows(model, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                                       temperature=args.calib_temperature, progress=not args.quiet)
         calib_desc = calib.description
     result = prune(model, tokenizer, sparsity=args.sparsity, method=args.method,
                    calibration=None if calib is None else calib.windows, targets=targets, align=args.align,

@@ -69,6 +69,20 @@ def test_prune_then_eval(tmp_path, capsys):
 
 
 @needs_stories
+def test_prune_without_text_calibrates_on_self_generated_text(tmp_path, capsys):
+    out = tmp_path / "self"
+    code, stdout, err = run_cli(capsys, "prune", STORIES, "--nsamples", "8", "--seqlen", "64", "--seed", "5",
+                                "--sparsity", "0.3", "-o", out)
+    assert code == 0, err
+    cal = json.loads((out / "config.json").read_text())["fasp"]["calibration"]
+    assert cal == {"self_generated": True, "temperature": 1.0, "start_token": 1, "nsamples": 8, "seqlen": 64,
+                   "seed": 5}
+    code, _, err = run_cli(capsys, "prune", STORIES, "--sparsity", "0.3", "--calib-temperature", "0",
+                           "-o", tmp_path / "o")
+    assert_one_line_error(code, err, "--calib-temperature must be > 0")
+
+
+@needs_stories
 @pytest.mark.parametrize("sparsity", ["-0.1", "1.0", "nan"])
 def test_bad_sparsity(tmp_path, capsys, sparsity):
     code, _, err = run_cli(capsys, *PRUNE, "--sparsity", sparsity, "-o", tmp_path / "o")

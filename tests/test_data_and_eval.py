@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from fasp_edge import load_model, perplexity
 from fasp_edge.errors import CalibrationError, InvalidArgument
-from fasp_edge.pipeline.calibration import calibration_windows, sample_windows
+from fasp_edge.pipeline.calibration import calibration_windows, sample_windows, self_generated_windows
+from fasp_edge.pipeline.perplexity import agreement
 
 from .conftest import MODEL_BUILDERS, STORIES, TINYSTORIES, requires_shared
 
@@ -83,3 +84,46 @@ def test_stories260k_reference_and_calibration_from_file():
     assert nll == pytest.approx(54.404, abs=1e-2)
     cal = calibration_windows(tok, file=TINYSTORIES, nsamples=16, seqlen=128, seed=0)
     assert cal.windows.shape == (16, 128) and cal.description["file"] == TINYSTORIES.name
+
+
+# ---------------------------------------------------------------- data-free calibration and agreement
+@requires_shared(STORIES)
+def test_self_generated_windows_are_seeded_samples_from_bos():
+    loaded = load_model(STORIES)
+    a = self_generated_windows(loaded.model, loaded.tokenizer, nsamples=5, seqlen=24, seed=3, batch_size=2,
+                               progress=False)
+    b = self_generated_windows(loaded.model, loaded.tokenizer, nsamples=5, seqlen=24, seed=3, batch_size=2,
+                               progress=False)
+    c = self_generated_windows(loaded.model, loaded.tokenizer, nsamples=5, seqlen=24, seed=4, progress=False)
+    assert a.windows.shape == (5, 24) and a.windows.dtype == torch.long
+    assert (a.windows[:, 0] == loaded.tokenizer.bos_token_id).all()
+    assert 0 <= int(a.windows.min()) and int(a.windows.max()) < loaded.model.config.vocab_size
+    assert torch.equal(a.windows, b.windows) and not torch.equal(a.windows, c.windows)  # same seed, same text
+    assert a.description["self_generated"] and a.description["temperature"] == 1.0
+    # real text from the model: TinyStories-like, so mostly ordinary tokens rather than noise
+    text = loaded.tokenizer.decode(a.windows[0])
+    assert len(text.split()) >= 5
+
+
+@requires_shared(STORIES)
+def test_self_generated_windows_reject_bad_settings():
+    loaded = load_model(STORIES)
+    with pytest.raises(InvalidArgument, match="temperature must be > 0"):
+        self_generated_windows(loaded.model, loaded.tokenizer, nsamples=1, seqlen=8, temperature=0)
+    with pytest.raises(InvalidArgument, match="exceeds the model's"):
+        self_generated_windows(loaded.model, loaded.tokenizer, nsamples=1, seqlen=100_000)
+
+
+@requires_shared(STORIES)
+def test_agreement_is_perfect_with_itself_and_lower_after_pruning():
+    from fasp_edge import prune
+
+    dense = load_model(STORIES)
+    pruned = load_model(STORIES)
+    cal = self_generated_windows(dense.model, dense.tokenizer, nsamples=8, seqlen=64, seed=0, progress=False)
+    held_out = self_generated_windows(dense.model, dense.tokenizer, nsamples=4, seqlen=64, seed=1, progress=False)
+    same = agreement(dense.model, dense.model, held_out.windows, progress=False)
+    assert same["top1_agreement"] == 1.0 and abs(same["mean_kl"]) < 1e-6 and same["positions"] == 256
+    prune(pruned.model, sparsity=0.3, calibration=cal.windows, progress=False)
+    got = agreement(dense.model, pruned.model, held_out.windows, progress=False)
+    assert 0.3 < got["top1_agreement"] < 1.0 and got["mean_kl"] > 0

@@ -1,8 +1,9 @@
-"""Calibration windows: ``nsamples`` non-overlapping windows of ``seqlen`` tokens drawn with a seed.
+"""Calibration windows: ``nsamples`` windows of ``seqlen`` tokens, drawn with a seed.
 
-Sources: a text file (``--calib-file``), or ``wikitext2`` / ``c4`` validation text through the
-``datasets`` library where the user has it (and a network or a cache). Use validation text for
-calibration; keep test text for evaluation.
+Sources: a text file (``--calib-file``), ``wikitext2`` / ``c4`` validation text through the ``datasets``
+library where the user has it (and a network or a cache), or, with no text at all, text sampled from
+the model itself (:func:`self_generated_windows`), so any model can be pruned offline. Use validation
+text for calibration; keep test text for evaluation.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from ..errors import CalibrationError, InvalidArgument
 
 DATASETS = ("wikitext2", "c4")
+SELF_TEMPERATURE = 1.0  # sample from the model's own next-token distribution, unsharpened
+SELF_BATCH = 8
 
 
 @dataclass
@@ -105,3 +108,54 @@ def calibration_windows(tokenizer, *, file: str | os.PathLike | None = None, dat
     windows = sample_windows(ids, nsamples, seqlen, seed, what)
     return Calibration(windows, {**source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
                                  "text_tokens": int(ids.numel())})
+
+
+@torch.no_grad()
+def self_generated_windows(model: torch.nn.Module, tokenizer, *, nsamples: int = 128, seqlen: int = 512,
+                           seed: int = 0, temperature: float = SELF_TEMPERATURE, batch_size: int = SELF_BATCH,
+                           progress: bool = True) -> Calibration:
+    """Data-free calibration: ``nsamples`` sequences sampled from ``model`` itself, each starting at BOS.
+
+    Every window is the start token followed by ``seqlen - 1`` tokens drawn from the model's next-token
+    distribution at ``temperature`` (plain sampling, no top-k; an end-of-sequence token does not stop a
+    sample, the model goes on as it would after a document). Batched with a KV cache; the draws come
+    from one ``torch.Generator`` seeded with ``seed``, so the same seed gives the same windows.
+    """
+    from tqdm.auto import tqdm
+    from transformers import DynamicCache
+
+    if nsamples < 1 or seqlen < 2:
+        raise InvalidArgument(f"--nsamples must be >= 1 and --seqlen >= 2 (got {nsamples}, {seqlen})")
+    if temperature <= 0:
+        raise InvalidArgument(f"the sampling temperature must be > 0, got {temperature}")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and seqlen > limit:
+        raise InvalidArgument(f"--seqlen {seqlen} exceeds the model's {limit} positions; lower it")
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise CalibrationError("the tokenizer has neither a BOS nor an EOS token to start self-generated "
+                               "calibration from; give calibration text with --calib-file")
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    out = []
+    bar = tqdm(total=nsamples * (seqlen - 1), desc="self-generated calibration", unit="tok", disable=not progress,
+               leave=False)
+    for first in range(0, nsamples, batch_size):
+        b = min(batch_size, nsamples - first)
+        seq = torch.full((b, 1), start, dtype=torch.long)
+        cache = DynamicCache()
+        step_in = seq
+        for _ in range(seqlen - 1):
+            logits = model(step_in.to(device), past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
+            probs = torch.softmax(logits / temperature, dim=-1)
+            step_in = torch.multinomial(probs, 1, generator=gen)
+            seq = torch.cat([seq, step_in], dim=1)
+            bar.update(b)
+        out.append(seq)
+    bar.close()
+    model.train(was_training)
+    windows = torch.cat(out)
+    return Calibration(windows, {"self_generated": True, "temperature": temperature, "start_token": int(start),
+                                 "nsamples": nsamples, "seqlen": seqlen, "seed": seed})
