@@ -18,7 +18,7 @@ from ..errors import CalibrationError, InvalidArgument
 
 DATASETS = ("wikitext2", "c4")
 SELF_TEMPERATURE = 1.0  # sample from the model's own next-token distribution, unsharpened
-SELF_BATCH = 8
+SELF_BATCH = 16  # SmolLM2-135M on 2 cores: 81 tok/s at batch 8, 125 at 16 (16 x 256 tokens in 33 s)
 
 
 @dataclass
