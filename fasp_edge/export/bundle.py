@@ -28,7 +28,7 @@ from ..errors import FaspError, InvalidArgument
 from ..fsutil import atomic_output_dir, check_output_dir, sha256_file, state_dict_sha256
 from ..models import family_for
 from ..models.loading import LoadedModel, save_tokenizer, sentencepiece_file
-from .decoder import ExportDecoder, check_export_parity, run_decoder
+from .decoder import ExportDecoder, check_export_parity
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,9 @@ Two cache modes share all the block code:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidArgument

@@ -11,7 +11,6 @@ Graph interface (batch 1):
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from pathlib import Path
 

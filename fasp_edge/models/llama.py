@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
