@@ -124,13 +124,11 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .runtime_bench.profiles import resolve_profiles
     from .runtime_bench.report import write_report
 
-    backends = check_backends(_names(args.backends))
+    check_backends(_names(args.backends))  # before the profiles and the output folder: the cheapest check first
     names = _names(args.profiles) if args.profiles is not None else ([] if args.profile_file else ["hub", "phone-mid"])
     profiles = resolve_profiles(names, args.profile_file)
     check_output_dir(args.output, args.overwrite)
-    if args.warmup < 0:
-        raise InvalidArgument(f"--warmup must be >= 0, got {args.warmup}")
-    doc = run_bench(args.bundles, profiles, backends, reps=args.reps, warmup=args.warmup, rounds=args.rounds,
+    doc = run_bench(args.bundles, profiles, _names(args.backends), reps=args.reps, warmup=args.warmup, rounds=args.rounds,
                     optimum_onnx=args.optimum_onnx, progress=not args.quiet)
     out = write_report(doc, args.output, overwrite=args.overwrite)
     ok = [r for r in doc["results"] if r["status"] == "ok"]

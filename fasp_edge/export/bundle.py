@@ -27,6 +27,7 @@ import torch
 from ..errors import FaspError, InvalidArgument
 from ..fsutil import atomic_output_dir, check_output_dir, sha256_file, state_dict_sha256
 from ..models import family_for
+from ..models.base import count_parameters
 from ..models.loading import LoadedModel, save_tokenizer, sentencepiece_file
 from .decoder import ExportDecoder, check_export_parity
 
@@ -216,7 +217,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                 "hidden_size": cfg.hidden_size,
                 "layers": dims,
                 "vocab_size": cfg.vocab_size,
-                "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+                "parameters": count_parameters(model),
                 "weights_sha256": state_dict_sha256(model),  # ties the bundle to its PyTorch model (bench --backends torch)
             },
             "max_context": max_context,

@@ -144,14 +144,12 @@ def self_generated_windows(model: torch.nn.Module, tokenizer, *, nsamples: int =
                leave=False)
     for first in range(0, nsamples, batch_size):
         b = min(batch_size, nsamples - first)
-        seq = torch.full((b, 1), start, dtype=torch.long)
+        seq = torch.full((b, seqlen), start, dtype=torch.long)
         cache = DynamicCache()
-        step_in = seq
-        for _ in range(seqlen - 1):
-            logits = model(step_in.to(device), past_key_values=cache, use_cache=True).logits[:, -1].float().cpu()
-            probs = torch.softmax(logits / temperature, dim=-1)
-            step_in = torch.multinomial(probs, 1, generator=gen)
-            seq = torch.cat([seq, step_in], dim=1)
+        for i in range(1, seqlen):
+            logits = model(seq[:, i - 1 : i].to(device), past_key_values=cache, use_cache=True).logits[:, -1]
+            probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+            seq[:, i] = torch.multinomial(probs, 1, generator=gen)[:, 0]
             bar.update(b)
         out.append(seq)
     bar.close()

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from ..errors import InvalidArgument
 from ..export.bundle import Bundle, load_bundle
+from ..export.bundle import describe as describe_bundle
 from .engines import BACKENDS
-from .measure import PROGRESS_MARK, host_facts, summarize
+from .measure import PROGRESS_MARK, host_facts, status_row, summarize
 from .profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,11 @@ class Target:
     def describe(self) -> dict:
         m = self.manifest
         fasp = m["model"].get("fasp") or None
-        return {"label": self.label, "external": self.external, "path": str(self.bundle.path), "formats": self.bundle.formats,
+        summary = describe_bundle(self.bundle)  # path, formats, quantization, max_context, bytes
+        return {"label": self.label, "external": self.external, **summary, "files_bytes": summary.pop("bytes"),
                 "pruning": ({"method": fasp.get("method"), "sparsity": fasp.get("sparsity")} if fasp else None),
-                "quantization": self.quantization, "precision": m.get("precision", "float32"),
-                "parameters": m["model"].get("parameters"), "max_context": m["max_context"],
-                "source": m["model"].get("source"),
-                "files_bytes": sum(f["bytes"] for f in m["files"].values())}
+                "precision": m.get("precision", "float32"), "parameters": m["model"].get("parameters"),
+                "source": m["model"].get("source")}
 
 
 def check_backends(backends: list[str]) -> list[str]:
@@ -122,9 +122,8 @@ def torch_source(target: Target) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ running
-def _skip(target: Target, backend: str, profile: Profile, reason: str) -> dict:
-    return {"bundle": target.label, "backend": backend, "profile": profile.name, "status": "skipped",
-            "reason": reason}
+def _row(target: Target, backend: str, profile: Profile, status: str, reason: str) -> dict:
+    return status_row(target.label, backend, profile.name, status, reason)
 
 
 def run_measurement(target: Target, backend: str, profile: Profile, reps: int, warmup: int,
@@ -132,7 +131,7 @@ def run_measurement(target: Target, backend: str, profile: Profile, reps: int, w
     """One measurement in a fresh interpreter (see :mod:`.measure`); never raises for a runtime failure."""
     spec = {"bundle": str(target.bundle.path), "label": target.label, "backend": backend,
             "profile": profile.to_dict(), "reps": reps, "warmup": warmup, "torch_model": torch_model,
-            "manifest": target.manifest, "external": target.external}
+            "manifest": target.manifest}
     with tempfile.TemporaryDirectory(prefix="fasp-edge-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
@@ -157,8 +156,7 @@ def run_measurement(target: Target, backend: str, profile: Profile, reps: int, w
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            return {**_skip(target, backend, profile, ""), "status": "failed",
-                    "reason": f"timed out after {timeout_s:.0f} s"}
+            return _row(target, backend, profile, "failed", f"timed out after {timeout_s:.0f} s")
         except BaseException:  # Ctrl-C: stop the child too, leave nothing behind
             proc.kill()
             proc.wait()
@@ -171,14 +169,13 @@ def run_measurement(target: Target, backend: str, profile: Profile, reps: int, w
             return result
         detail = f"; last output: {tail[-1][:300]}" if tail else ""
         how = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        return {**_skip(target, backend, profile, ""), "status": "failed",
-                "reason": f"the measuring process {how} (out of memory?){detail}"}
+        return _row(target, backend, profile, "failed", f"the measuring process {how} (out of memory?){detail}")
 
 
 def plan(targets: list[Target], backends: list[str], profiles: list[Profile]) -> list[tuple]:
     """Every (target, backend, profile) to measure, or to record as skipped with the reason."""
     jobs = []
-    torch_seen: dict[str, str] = {}
+    torch_seen: dict[tuple, str] = {}
     for profile in profiles:
         for target in targets:
             for backend in backends:
@@ -186,15 +183,15 @@ def plan(targets: list[Target], backends: list[str], profiles: list[Profile]) ->
                     jobs.append(("skip", target, backend, profile, "a reference ONNX export is measured on the onnx "
                                                                     "backend only"))
                 elif backend == "torch":
-                    src = str(torch_source(target))
-                    key = f"{profile.name}:{src}"
+                    src = torch_source(target)
+                    key = (profile.name, src)
                     if key in torch_seen:
                         jobs.append(("skip", target, backend, profile,
                                      f"same PyTorch model as bundle {torch_seen[key]} (the torch backend runs the "
                                      "source checkpoint, not an artifact), measured there"))
                         continue
                     torch_seen[key] = target.label
-                    jobs.append(("run", target, backend, profile, torch_source(target)))
+                    jobs.append(("run", target, backend, profile, src))
                 elif backend not in target.bundle.formats:
                     jobs.append(("skip", target, backend, profile,
                                  f"the bundle has no {backend} artifact (it has {', '.join(target.bundle.formats)})"))
@@ -255,7 +252,7 @@ def run_bench(bundle_paths: list[str], profiles: list[Profile], backends: list[s
                     log.warning("%s / %s / %s %s: %s", target.label, backend, profile.name, res["status"],
                                 res["reason"])
                 measured[i].append(res)
-    results = [merge_rounds(measured[i]) if kind == "run" else _skip(target, backend, profile, extra)
+    results = [merge_rounds(measured[i]) if kind == "run" else _row(target, backend, profile, "skipped", extra)
                for i, (kind, target, backend, profile, extra) in enumerate(jobs)]
     add_comparisons(results, targets)
     return {"schema": SCHEMA_NAME, "schema_version": SCHEMA_VERSION, "created_unix": int(started),

@@ -135,6 +135,11 @@ def _peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def status_row(label: str, backend: str, profile: str, status: str, reason: str | None) -> dict:
+    """The head every result row starts with; a skipped or failed row is only this."""
+    return {"bundle": label, "backend": backend, "profile": profile, "status": status, "reason": reason}
+
+
 def summarize(values: list[float]) -> dict:
     """Median, min, max and count, plus the values themselves (rounds from several processes are merged)."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values),
@@ -175,17 +180,16 @@ def _import_backend(backend: str) -> None:
 
 def check_same_model(loaded, manifest: dict) -> None:
     """Refuse to time a PyTorch model that is not the one the bundle was exported from."""
-    import json as _json
-
     from ..errors import InvalidArgument
     from ..fsutil import state_dict_sha256
     from ..models.base import count_parameters
 
     rec = manifest["model"]
     why = None
-    if rec.get("parameters") is not None and count_parameters(loaded.model) != rec["parameters"]:
-        why = f"it has {count_parameters(loaded.model)} parameters, the manifest {rec['parameters']}"
-    elif _json.loads(_json.dumps(getattr(loaded.model.config, "fasp", None))) != rec.get("fasp"):
+    params = count_parameters(loaded.model)
+    if rec.get("parameters") is not None and params != rec["parameters"]:
+        why = f"it has {params} parameters, the manifest {rec['parameters']}"
+    elif json.loads(json.dumps(getattr(loaded.model.config, "fasp", None))) != rec.get("fasp"):
         why = "its pruning record (config.json 'fasp': method, sparsity, calibration) differs from the manifest's"
     elif rec.get("weights_sha256") and state_dict_sha256(loaded.model) != rec["weights_sha256"]:
         why = "its weights differ from the ones the bundle was exported from"
@@ -195,40 +199,38 @@ def check_same_model(loaded, manifest: dict) -> None:
 
 
 def _open(spec: dict, manifest: dict, threads: int):
-    """Open the engine for ``spec``; returns (engine, artifact bytes)."""
+    """Open the engine for ``spec``; returns (engine, artifact bytes, the loaded PyTorch model or None)."""
     from .engines import OnnxEngine, PteEngine, TorchEngine
 
     bundle_dir, backend = Path(spec["bundle"]), spec["backend"]
     max_context = int(manifest["max_context"])
     if backend == "torch":
         from ..models.loading import load_model
-        from ..models.base import count_parameters
 
         loaded = load_model(spec.get("torch_model"))
-        check_same_model(loaded, manifest)
         size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
-        return TorchEngine(loaded.model, max_context, threads=threads), size
+        return TorchEngine(loaded.model, max_context, threads=threads), size, loaded
     art = manifest["artifacts"][backend]
     files = [art["file"], *art.get("external_data", [])]
     size = sum(manifest["files"][f]["bytes"] for f in files if f in manifest["files"])
     path = bundle_dir / art["file"]
     if backend == "pte":
-        return PteEngine(path, max_context, threads=threads), size
-    return OnnxEngine(path, max_context, threads=threads), size
+        return PteEngine(path, max_context, threads=threads), size, None
+    return OnnxEngine(path, max_context, threads=threads), size, None
 
 
 def measure(spec: dict) -> dict:
     """Apply the profile, load the engine, run warm-up and counted generations; return the result record."""
     prof = spec["profile"]
-    result: dict = {"bundle": spec["label"], "backend": spec["backend"], "profile": prof["name"],
-                    "status": "ok", "reason": None, "not_applied": [], "applied": {}}
+    result = status_row(spec["label"], spec["backend"], prof["name"], "ok", None)
     cpus, threads, notes = plan_cpus(prof["threads"], prof.get("cpu_affinity", "first"), usable_cpus())
     notes += apply_affinity(cpus)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)  # read by the OpenMP/BLAS runtimes when torch loads them
     result["not_applied"] = notes
-    manifest = spec.get("manifest") or json.loads((Path(spec["bundle"]) / "manifest.json").read_text())
-    if not spec.get("external") and manifest["max_context"] != prof["context_length"]:
+    manifest = spec["manifest"]
+    exported_here = manifest.get("format") == "fasp-edge-bundle"  # not a reference export with its own context
+    if exported_here and manifest["max_context"] != prof["context_length"]:
         notes.append(f"context_length: the bundle was exported for {manifest['max_context']} positions, the "
                      f"profile asks for {prof['context_length']} (the KV cache is fixed at export; re-export "
                      f"with --max-context {prof['context_length']} to match)")
@@ -248,9 +250,11 @@ def measure(spec: dict) -> dict:
     ids = prompt_ids(Path(spec["bundle"]), manifest, prof["prompt_tokens"])
     baseline = _rss_mb()
     t0 = time.perf_counter()
-    engine, size = _open(spec, manifest, threads)
+    engine, size, loaded = _open(spec, manifest, threads)
     engine.step(torch.tensor(ids[:1]), 0)  # a load is only done when the first call can run
     load_s = time.perf_counter() - t0
+    if loaded is not None:  # outside the timed load: hashing the weights is not part of loading them
+        check_same_model(loaded, manifest)
     engine.reset()
     result["applied"] = {"cpu_affinity": usable_cpus() if hasattr(os, "sched_getaffinity") else None,
                          "threads": threads, **engine.thread_settings()}
@@ -285,15 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     from ..errors import FaspError
 
+    head = (spec["label"], spec["backend"], spec["profile"]["name"])
     try:
         result = measure(spec)
     except FaspError as e:  # backend missing, wrong model, profile cannot fit: skipped, with the reason
-        result = {"bundle": spec["label"], "backend": spec["backend"], "profile": spec["profile"]["name"],
-                  "status": "skipped", "reason": str(e)}
+        result = status_row(*head, "skipped", str(e))
     except Exception as e:  # noqa: BLE001 - a runtime failing on one artifact must not stop the others
         traceback.print_exc()
-        result = {"bundle": spec["label"], "backend": spec["backend"], "profile": spec["profile"]["name"],
-                  "status": "failed", "reason": f"{type(e).__name__}: {e}"}
+        result = status_row(*head, "failed", f"{type(e).__name__}: {e}")
     tmp = Path(argv[1] + ".tmp")
     tmp.write_text(json.dumps(result))
     os.replace(tmp, argv[1])

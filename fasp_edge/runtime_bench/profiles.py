@@ -107,11 +107,10 @@ def builtin_profiles() -> dict[str, Profile]:
 def resolve_profiles(names: list[str], files: list[str] | None = None) -> list[Profile]:
     """Profiles by name, from the shipped ones and ``files`` (a file's profile wins over a shipped one)."""
     known = builtin_profiles()
-    for f in files or []:
-        prof = load_profile_file(f)
-        known[prof.name] = prof
+    mine = [load_profile_file(f) for f in files or []]
+    known.update({p.name: p for p in mine})
     if not names:  # only the user's files given: measure those
-        names = [load_profile_file(f).name for f in files or []]
+        names = [p.name for p in mine]
     if not names:
         raise InvalidArgument("no profile given; pass --profiles (see `fasp-edge profiles`) or --profile-file")
     out = []
