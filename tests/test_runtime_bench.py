@@ -178,6 +178,19 @@ def test_memory_budget_is_a_verdict_not_a_crash(bench_doc):
     assert verdicts == {"tiny": "within budget", "small": "over budget"}
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited high-water mark is a Linux exec trait")
+def test_peak_memory_is_the_measuring_process_own_not_its_parents():
+    """ru_maxrss survives exec: a measurement started from a big process (`fasp-edge run` after pruning) once
+    reported the parent's 2 GB for every row. The child's figure must not carry ours."""
+    big = bytearray(1200 * 2**20)
+    big[::4096] = b"\1" * len(big[::4096])  # touch every page
+    code = "from fasp_edge.runtime_bench.measure import _peak_rss_mb; print(_peak_rss_mb())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    child_peak = float(out.stdout)
+    assert child_peak < 1000, child_peak  # the import alone takes ~0.4 GB
+    del big
+
+
 @requires_shared(STORIES)
 def test_json_follows_the_documented_schema_and_plots_are_written(bench_doc):
     doc, out = bench_doc

@@ -124,7 +124,19 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    On Linux this is ``VmHWM`` of ``/proc/self/status``, the high-water mark of this program's own memory:
+    ``getrusage``'s ``ru_maxrss`` survives ``exec``, so a measurement started from a large process (``fasp-edge
+    run`` after pruning) would report its parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
     except ImportError:  # Windows
