@@ -172,8 +172,9 @@ def run_measurement(target: Target, backend: str, profile: Profile, reps: int, w
         return _row(target, backend, profile, "failed", f"the measuring process {how} (out of memory?){detail}")
 
 
-def plan(targets: list[Target], backends: list[str], profiles: list[Profile]) -> list[tuple]:
-    """Every (target, backend, profile) to measure, or to record as skipped with the reason."""
+def plan(targets: list[Target], backends: list[str], profiles: list[Profile], omit_missing: bool = False) -> list[tuple]:
+    """Every (target, backend, profile) to measure, or to record as skipped with the reason (``omit_missing``:
+    leave out, rather than list as skipped, a backend whose artifact a bundle does not have)."""
     jobs = []
     torch_seen: dict[tuple, str] = {}
     for profile in profiles:
@@ -193,6 +194,8 @@ def plan(targets: list[Target], backends: list[str], profiles: list[Profile]) ->
                     torch_seen[key] = target.label
                     jobs.append(("run", target, backend, profile, src))
                 elif backend not in target.bundle.formats:
+                    if omit_missing:
+                        continue
                     jobs.append(("skip", target, backend, profile,
                                  f"the bundle has no {backend} artifact (it has {', '.join(target.bundle.formats)})"))
                 else:
@@ -215,13 +218,15 @@ def merge_rounds(rounds: list[dict]) -> dict:
 
 
 def run_bench(bundle_paths: list[str], profiles: list[Profile], backends: list[str], *, reps: int = DEFAULT_REPS,
-              warmup: int = 1, rounds: int = 1, optimum_onnx: list[str] | None = None, progress: bool = True) -> dict:
+              warmup: int = 1, rounds: int = 1, optimum_onnx: list[str] | None = None, progress: bool = True,
+              omit_missing: bool = False) -> dict:
     """Measure every bundle on every backend under every profile; return the ``bench.json`` document.
 
     With ``rounds`` > 1 the whole list of measurements is run that many times over, each time in fresh
     processes, and each row pools its runs: slow drift of a shared machine then falls on every row alike
     instead of on whichever ran during it. ``optimum_onnx`` folders (optimum's ONNX export of the dense
     model) are measured on the onnx backend as the reference our own ONNX export is compared with.
+    ``omit_missing`` leaves out the backends a bundle has no artifact for (bundles of one format each).
     """
     if reps < 1 or warmup < 0 or rounds < 1:
         raise InvalidArgument(f"--reps and --rounds must be >= 1 and --warmup >= 0 (got {reps}, {rounds}, {warmup})")
@@ -231,7 +236,7 @@ def run_bench(bundle_paths: list[str], profiles: list[Profile], backends: list[s
         ref = optimum_target(p)
         ref.label = unique_label(ref.label, targets)
         targets.append(ref)
-    jobs = plan(targets, backends, profiles)
+    jobs = plan(targets, backends, profiles, omit_missing)
     started = time.time()
     from tqdm import tqdm
 
