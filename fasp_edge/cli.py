@@ -112,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: results)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
+    p = sub.add_parser("run", help="the whole job: prune -> evaluate -> export -> bench -> report, from a TOML config",
+                       description="Run prune -> evaluate -> export -> bench -> report. Without CONFIG, the embedded "
+                       "default (SmolLM2-135M-Instruct, FASP 0.2, pte fp32 + pte 8da4w + onnx, profiles hub and "
+                       "phone-mid; `fasp-edge run --print-config` shows it, every key commented). Finished stages are "
+                       "reused when their inputs and settings are unchanged; a killed run resumes.")
+    p.add_argument("config", nargs="?", default=None, help="run configuration (TOML); keys it leaves out take the "
+                   "default's values")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one key, e.g. --set prune.sparsities=[0.2,0.3] --set bench.reps=5 (repeatable)")
+    p.add_argument("--name", default=None, help="run name (the folder under output_dir); same as --set name=...")
+    p.add_argument("-o", "--output-dir", default=None, help="where run folders go; same as --set output_dir=...")
+    p.add_argument("--force", action="append", default=[], metavar="STAGE",
+                   help="redo STAGE even when it is up to date: calibrate, prune, evaluate, export, bench "
+                   "(repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the configuration the run would use and exit "
+                   "(without CONFIG and --set: the commented default)")
+
     p = sub.add_parser("profiles", help="list the device profiles and what each stands for")
     p.add_argument("--profile-file", action="append", default=[], metavar="TOML", help="also check and show this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print each profile's note (sources, rationale)")
@@ -142,6 +159,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     failed = [r for r in doc["results"] if r["status"] == "failed"]
     print(f"{len(ok)} measured, {len(doc['results']) - len(ok) - len(failed)} skipped, {len(failed)} failed; "
           f"wrote {out}/bench.json, bench.md and plots")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline.config import default_text, load_config
+    from .pipeline.run import run
+
+    overrides = list(args.overrides) + ([f"name={json.dumps(args.name)}"] if args.name is not None else []) + (
+        [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir is not None else [])
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(default_text() if args.config is None and not overrides else cfg.to_toml(), end="")
+        return 0
+    folder = run(cfg, force=args.force, progress=not args.quiet)
+    print(f"wrote {folder / 'report.html'} and {folder / 'report.md'}")
     return 0
 
 
@@ -233,11 +265,11 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .fsutil import check_output_dir, state_dict_sha256
-    from .models.loading import load_model, sentencepiece_file
+    from .fsutil import check_output_dir
+    from .models.loading import load_model
     from .pipeline.calibration import calibration_windows, self_generated_windows
-    from .pipeline.checkpoint import fasp_section, save_pruned
-    from .pipeline.fasp import check_prune_arguments, prune
+    from .pipeline.fasp import check_prune_arguments
+    from .pipeline.run import prune_checkpoint
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp)
@@ -253,7 +285,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
     load_seconds = time.perf_counter() - t0
     model, tokenizer = loaded.model, loaded.tokenizer
-    source_hash = state_dict_sha256(model)
     calib = None
     calib_desc: dict = {"none": "magnitude needs no data"}
     if args.calib_file or args.calib_dataset:
@@ -266,28 +297,14 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         calib = self_generated_windows(model, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                        temperature=args.calib_temperature, progress=not args.quiet)
         calib_desc = calib.description
-    result = prune(model, tokenizer, sparsity=args.sparsity, method=args.method,
-                   calibration=None if calib is None else calib.windows, targets=targets, align=args.align,
-                   damp=args.damp, device=args.device, progress=not args.quiet)
-    report = {
-        "source_model": loaded.source,
-        "source_sha256": source_hash,
-        "calibration": calib_desc,
-        "load_seconds": round(load_seconds, 3),
-        **result.report(),
-    }
-    section = fasp_section(model, method=args.method, sparsity=args.sparsity, extra={
-        "targets": list(result.targets), "align": args.align, "damp": args.damp, "calibration": calib_desc,
-        "source_model": {"name": loaded.source, "sha256": source_hash},
-    })
-    spm = sentencepiece_file(loaded)
-    save_pruned(model, tokenizer, args.output, section, overwrite=args.overwrite,
-                extra_files={"fasp_report.json": json.dumps(report, indent=2) + "\n"},
-                copy_files={"tokenizer.model": spm} if spm else None)
+    report = prune_checkpoint(loaded, Path(args.output), sparsity=args.sparsity, method=args.method, targets=targets,
+                              align=args.align, damp=args.damp, device=args.device,
+                              calibration=None if calib is None else calib.windows, calibration_description=calib_desc,
+                              overwrite=args.overwrite, progress=not args.quiet, load_seconds=load_seconds)
     print(f"pruned {loaded.source} with {args.method} at sparsity {args.sparsity}: "
-          f"{result.params_before:,} -> {result.params_after:,} parameters "
+          f"{report['params_before']:,} -> {report['params_after']:,} parameters "
           f"({100 * report['param_reduction']:.1f}% fewer; non-embedding "
-          f"{100 * report['nonembedding_param_reduction']:.1f}% fewer) in {result.seconds:.1f} s; "
+          f"{100 * report['nonembedding_param_reduction']:.1f}% fewer) in {report['seconds']:.1f} s; "
           f"wrote {args.output}")
     return 0
 
@@ -316,7 +333,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate,
-            "bench": _cmd_bench, "profiles": _cmd_profiles}
+            "bench": _cmd_bench, "run": _cmd_run, "profiles": _cmd_profiles}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,10 +71,10 @@ def run_stage(name: str, folder: str | Path, fp: str, build: Callable[[Path], di
     remove_stale_temporaries(folder)
     record = read_record(folder)
     if not force and record is not None and record.get("fingerprint") == fp and record.get("complete"):
-        log.info("%s: up to date (%s), skipped", name, folder)
+        log.debug("%s: up to date (%s), skipped", name, folder)
         return StageResult(name, folder, fp, True, 0.0, record.get("info") or {})
     if record is not None and record.get("fingerprint") != fp:
-        log.info("%s: settings or inputs changed, redoing it", name)
+        log.debug("%s: settings or inputs changed, redoing it", name)
     t0 = time.perf_counter()
     with atomic_output_dir(folder, overwrite=True) as tmp:
         info = build(tmp) or {}

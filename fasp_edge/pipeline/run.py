@@ -1,0 +1,537 @@
+"""``fasp-edge run``: prune -> evaluate -> export -> bench -> report, from one configuration.
+
+The run folder ``<output_dir>/<name>/`` holds one folder per stage, each written atomically with a
+fingerprint of its inputs and settings (:mod:`.stages`):
+
+    config.toml                 the exact configuration of the last run
+    calibration/                calibration windows (text or self-generated) — stage ``calibrate``
+    heldout/                    held-out self-generated text for agreement    — stage ``evaluate``
+    pruned/<method>-<s>/        one pruned checkpoint per sparsity            — stage ``prune``
+    evaluate/<model>/           parameters, perplexity, agreement with dense  — stage ``evaluate``
+    bundles/<model>-<artifact>/ one verified bundle per model and artifact    — stage ``export``
+    bench/                      bench.json, bench.md, plots                   — stage ``bench``
+    run.json, report.md, report.html                                          — stage ``report``
+
+Exports run side by side in child processes (``export.jobs``): lowering to XNNPACK is single-threaded
+Python, so two of them use two cores. A child dies with the run (Linux: parent-death signal), and its
+half-written bundle is only ever inside a temporary folder that the next run removes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import FaspError, InvalidArgument
+from ..fsutil import sha256_file, state_dict_sha256
+from .config import ARTIFACTS, STAGES, RunConfig
+from .stages import StageResult, fingerprint, run_stage
+
+log = logging.getLogger("fasp_edge")
+
+
+class RunError(FaspError):
+    """A stage of a run failed for a reason the user can act on."""
+
+
+@dataclass
+class ModelEntry:
+    """A model the run holds: the dense source or one pruned checkpoint."""
+
+    label: str
+    fingerprint: str
+    path: Path | None = None  # checkpoint folder (None: the dense source)
+    sparsity: float | None = None
+
+
+@dataclass
+class RunState:
+    cfg: RunConfig
+    force: set[str]
+    progress: bool
+    stages: list[dict] = field(default_factory=list)
+    _dense: object = None
+    _step: int = 0
+    total: int = 0
+
+    # ---------------------------------------------------------------- progress
+    def announce(self, stage: str, what: str) -> None:
+        self._step += 1
+        log.info("[%d/%d] %s %s", self._step, self.total, stage, what)
+
+    def record(self, res: StageResult, stage: str) -> StageResult:
+        self.stages.append({"stage": stage, "name": res.name, "folder": str(res.folder), "skipped": res.skipped,
+                            "seconds": res.seconds, "fingerprint": res.fingerprint})
+        log.info("    %s", "up to date, skipped" if res.skipped else f"done in {res.seconds:.0f} s")
+        return res
+
+    # ---------------------------------------------------------------- the dense source
+    def dense(self):
+        """The dense source model, loaded once (float32, CPU)."""
+        if self._dense is None:
+            self._dense = load_source(self.cfg)
+        return self._dense
+
+    def stage(self, stage: str, name: str, folder: Path, fp: str, build) -> StageResult:
+        self.announce(stage, name)
+        return self.record(run_stage(name, folder, fp, build, force=stage in self.force), stage)
+
+
+def source_args(cfg: RunConfig) -> tuple[str | None, str | None]:
+    """``model.source`` and ``model.gguf_file`` as :func:`load_model` takes them (None where empty)."""
+    m = cfg["model"]
+    return m["source"] or None, m["gguf_file"] or None
+
+
+def load_source(cfg: RunConfig):
+    """A fresh copy of the dense source model (pruning changes a model in place)."""
+    from ..models.loading import load_model
+
+    source, gguf = source_args(cfg)
+    return load_model(source, gguf_file=gguf, trust_remote_code=cfg["model"]["trust_remote_code"])
+
+
+def _file_fp(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    if not path.is_file():
+        raise InvalidArgument(f"{path} does not exist (a text file named in the run configuration)")
+    return sha256_file(path)
+
+
+def _child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _die_with_parent() -> None:
+    """Runs in an export child before exec. The child stays in the run's process group, so a Ctrl-C in the
+    terminal reaches it too; on Linux it is also killed when the run dies (SIGKILL included)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+class _Children:
+    """Child processes of the run; all killed (and waited for) when the run is interrupted."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.procs: set[subprocess.Popen] = set()
+        self.stopping = False
+
+    def run(self, cmd: list[str], env: dict, log_file: Path) -> int:
+        with self.lock:
+            if self.stopping:
+                raise KeyboardInterrupt
+            with open(log_file, "wb") as out:
+                proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                        preexec_fn=_die_with_parent if os.name == "posix" else None)
+            self.procs.add(proc)
+        try:
+            return proc.wait()
+        finally:
+            with self.lock:
+                self.procs.discard(proc)
+
+    def kill_all(self) -> None:
+        with self.lock:
+            self.stopping = True
+            procs = list(self.procs)
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+        for p in procs:
+            p.wait()
+
+
+# ==================================================================================================
+def plan_total(cfg: RunConfig) -> int:
+    """How many stage steps the run announces (for the [i/n] progress lines)."""
+    n_pruned = len(cfg["prune"]["sparsities"])
+    needs_calib = cfg["prune"]["method"] != "magnitude"
+    evaluate = (1 if cfg["evaluate"]["agreement_samples"] else 0) + 1 + n_pruned
+    n_export = len(cfg["export"]["dense_artifacts"]) + n_pruned * len(cfg["export"]["artifacts"])
+    return int(needs_calib) + n_pruned + evaluate + n_export + (1 if n_export else 0) + 1
+
+
+def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bool = True) -> Path:
+    """Run the whole job described by ``cfg``; return the run folder (with report.md and report.html)."""
+    bad = [s for s in force if s not in STAGES]
+    if bad:
+        raise InvalidArgument(f"--force {bad[0]}: unknown stage; stages are {', '.join(STAGES)}")
+    from ..runtime_bench.harness import check_backends
+    from ..runtime_bench.profiles import resolve_profiles
+
+    # everything a user can get wrong is checked before the first long step
+    check_backends(cfg["bench"]["backends"])
+    profiles = resolve_profiles(cfg["bench"]["profiles"], [str(cfg.path(f)) for f in cfg["bench"]["profile_files"]])
+    calib_file = cfg.path(cfg["calibration"]["text_file"])
+    eval_file = cfg.path(cfg["evaluate"]["text_file"])
+    text_fps = {"calibration": _file_fp(calib_file), "evaluate": _file_fp(eval_file)}
+    folder = cfg.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with _run_lock(folder):
+        started = time.time()
+        swept = sweep_temporaries(folder)
+        if swept:
+            log.info("removed %d temporary folder(s) an interrupted run left behind", swept)
+        _write_text(folder / "config.toml", cfg.to_toml())
+        state = RunState(cfg, set(force), progress, total=plan_total(cfg))
+        log.info("run %s: %d steps, folder %s", cfg.name, state.total, folder)
+        dense = state.dense()
+        dense_fp = fingerprint({"source": cfg["model"]["source"] or "embedded", "gguf": cfg["model"]["gguf_file"],
+                                "weights": state_dict_sha256(dense.model)})
+        calib = _calibrate(state, dense_fp, calib_file, text_fps["calibration"])
+        pruned = _prune(state, dense_fp, calib)
+        evaluation = _evaluate(state, dense_fp, pruned, eval_file, text_fps["evaluate"])
+        state._dense = None  # the exports and the bench run in child processes
+        del dense
+        bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned)
+        bench = _bench(state, bundles, profiles)
+        from .run_report import write_run_report
+
+        state.announce("report", "report.md, report.html")
+        t0 = time.perf_counter()
+        doc = {
+            "config": cfg.data, "config_source": cfg.source, "started_unix": int(started),
+            "duration_s": round(time.time() - started, 1),
+            "models": evaluation, "bundles": bundles, "bench": bench, "stages": state.stages,
+        }
+        write_run_report(doc, folder)
+        log.info("    done in %.1f s", time.perf_counter() - t0)
+    log.info("run %s finished in %.0f s: %s", cfg.name, time.time() - started, folder / "report.html")
+    return folder
+
+
+@contextlib.contextmanager
+def _run_lock(folder: Path):
+    """One run per folder at a time (a second one would fight over the same stage folders)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks here; run one at a time by hand
+        yield
+        return
+    with open(folder / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RunError(f"another fasp-edge run is using {folder}; wait for it to finish or use another "
+                           "name (--name)") from None
+        yield
+
+
+def sweep_temporaries(folder: Path) -> int:
+    """Remove what killed runs left in a run folder: temporary stage folders and files (``.NAME.tmp-*``,
+    ``.NAME.old-*``), also of stages the current configuration no longer has. Call it holding the lock."""
+    import shutil
+
+    n = 0
+    for parent in [folder] + [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]:
+        for p in parent.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------- calibrate
+def _calibrate(state: RunState, dense_fp: str, calib_file: Path | None, file_fp: str | None):
+    """Calibration windows (saved as a tensor), or None for magnitude pruning."""
+    cfg = state.cfg
+    if cfg["prune"]["method"] == "magnitude":
+        return None
+    c = cfg["calibration"]
+    settings = {k: c[k] for k in ("nsamples", "seqlen", "seed")}
+    settings.update({"file": file_fp} if calib_file else {"self_generated": True, "temperature": c["temperature"]})
+    fp = fingerprint(settings, [dense_fp])
+
+    def build(tmp: Path) -> dict:
+        from .calibration import calibration_windows, self_generated_windows
+
+        loaded = state.dense()
+        if calib_file is not None:
+            cal = calibration_windows(loaded.tokenizer, file=str(calib_file), nsamples=c["nsamples"],
+                                      seqlen=c["seqlen"], seed=c["seed"])
+        else:
+            cal = self_generated_windows(loaded.model, loaded.tokenizer, nsamples=c["nsamples"], seqlen=c["seqlen"],
+                                         seed=c["seed"], temperature=c["temperature"], progress=state.progress)
+        torch.save(cal.windows, tmp / "windows.pt")
+        return {"description": cal.description}
+
+    what = f"{c['nsamples']} x {c['seqlen']} tokens " + (f"of {calib_file.name}" if calib_file else
+                                                         f"sampled from the model (temperature {c['temperature']:g})")
+    res = state.stage("calibrate", what, state.cfg.folder / "calibration", fp, build)
+    return res
+
+
+def _windows(res: StageResult | None) -> torch.Tensor | None:
+    return None if res is None else torch.load(res.folder / "windows.pt")
+
+
+# ---------------------------------------------------------------------------------------- prune
+def model_label(method: str, sparsity: float) -> str:
+    return f"{method}-{sparsity:g}"
+
+
+def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[ModelEntry]:
+    cfg = state.cfg
+    p = cfg["prune"]
+    out = []
+    for s in p["sparsities"]:
+        label = model_label(p["method"], s)
+        settings = {k: p[k] for k in ("method", "targets", "align", "damp")} | {"sparsity": s}
+        fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
+
+        def build(tmp: Path, s=s) -> dict:
+            report = prune_checkpoint(load_source(cfg), tmp, sparsity=s, method=p["method"], targets=p["targets"],
+                                      align=p["align"], damp=p["damp"], device=p["device"],
+                                      calibration=_windows(calib),
+                                      calibration_description=calib.info["description"] if calib else None,
+                                      progress=state.progress)
+            return {"params_before": report["params_before"], "params_after": report["params_after"]}
+
+        res = state.stage("prune", f"{label} ({p['method']}, sparsity {s:g})", cfg.folder / "pruned" / label, fp,
+                          build)
+        out.append(ModelEntry(label, fp, res.folder, s))
+    return out
+
+
+def prune_checkpoint(loaded, out: Path, *, sparsity: float, method: str, targets: list[str], align: int,
+                     damp: float, device: str, calibration: torch.Tensor | None, calibration_description: dict | None,
+                     overwrite: bool = True, progress: bool = True, load_seconds: float | None = None) -> dict:
+    """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``."""
+    from ..models.loading import sentencepiece_file
+    from .checkpoint import fasp_section, save_pruned
+    from .fasp import prune
+
+    source_hash = state_dict_sha256(loaded.model)
+    calib_desc = calibration_description or {"none": "magnitude needs no data"}
+    result = prune(loaded.model, loaded.tokenizer, sparsity=sparsity, method=method, calibration=calibration,
+                   targets=targets, align=align, damp=damp, device=device, progress=progress)
+    report = {"source_model": loaded.source, "source_sha256": source_hash, "calibration": calib_desc,
+              **({"load_seconds": round(load_seconds, 3)} if load_seconds is not None else {}), **result.report()}
+    section = fasp_section(loaded.model, method=method, sparsity=sparsity, extra={
+        "targets": list(result.targets), "align": align, "damp": damp, "calibration": calib_desc,
+        "source_model": {"name": loaded.source, "sha256": source_hash},
+    })
+    spm = sentencepiece_file(loaded)
+    save_pruned(loaded.model, loaded.tokenizer, out, section, overwrite=overwrite,
+                extra_files={"fasp_report.json": json.dumps(report, indent=2) + "\n"},
+                copy_files={"tokenizer.model": spm} if spm else None)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- evaluate
+def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_file: Path | None,
+              file_fp: str | None) -> list[dict]:
+    from ..models import family_for
+    from ..models.base import count_embedding_parameters, count_parameters
+    from .calibration import read_text_file, self_generated_windows
+    from .checkpoint import load_pruned
+    from .perplexity import agreement, perplexity
+
+    cfg = state.cfg
+    e = cfg["evaluate"]
+    heldout = None
+    if e["agreement_samples"]:
+        settings = {"samples": e["agreement_samples"], "seqlen": e["agreement_seqlen"], "seed": e["agreement_seed"],
+                    "temperature": cfg["calibration"]["temperature"]}
+
+        def build_heldout(tmp: Path) -> dict:
+            loaded = state.dense()
+            cal = self_generated_windows(loaded.model, loaded.tokenizer, nsamples=e["agreement_samples"],
+                                         seqlen=e["agreement_seqlen"], seed=e["agreement_seed"],
+                                         temperature=cfg["calibration"]["temperature"], progress=state.progress)
+            torch.save(cal.windows, tmp / "windows.pt")
+            return {"description": cal.description}
+
+        heldout = state.stage("evaluate", f"held-out text: {e['agreement_samples']} x {e['agreement_seqlen']} tokens "
+                              f"sampled from the dense model (seed {e['agreement_seed']})", cfg.folder / "heldout",
+                              fingerprint(settings, [dense_fp]), build_heldout)
+    text = read_text_file(str(eval_file)) if eval_file else None
+    settings = {"text": file_fp, "seqlen": e["seqlen"], "max_windows": e["max_windows"]}
+    out = []
+    for entry in [ModelEntry("dense", dense_fp)] + pruned:
+        def build(tmp: Path, entry=entry) -> dict:
+            loaded = state.dense()
+            model = loaded.model if entry.path is None else load_pruned(entry.path)
+            total = count_parameters(model)
+            family = family_for(model)
+            res: dict = {"parameters": total,
+                         "nonembedding_parameters": total - count_embedding_parameters(family, model),
+                         "ffn_dims": family.ffn_dims(model), "v_head_dims": family.v_head_dims(model),
+                         "head_dim": family.head_dim(model)}
+            if entry.path is not None:
+                res["checkpoint_bytes"] = sum(f.stat().st_size for f in entry.path.iterdir() if f.is_file())
+            if text is not None:
+                res["perplexity"] = perplexity(model, loaded.tokenizer, text, seqlen=e["seqlen"],
+                                               max_windows=e["max_windows"] or None, progress=state.progress)
+                res["perplexity"]["text_file"] = eval_file.name
+            if heldout is not None and entry.path is not None:
+                res["agreement"] = agreement(loaded.model, model, _windows(heldout), progress=state.progress)
+            (tmp / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
+            return res
+
+        parts = (["parameters"] + (["perplexity"] if text is not None else [])
+                 + (["agreement"] if heldout is not None and entry.path is not None else []))
+        res = state.stage("evaluate", f"{entry.label}: {', '.join(parts)}", cfg.folder / "evaluate" / entry.label,
+                          fingerprint(settings, [entry.fingerprint] + ([heldout.fingerprint] if heldout else [])), build)
+        out.append({"label": entry.label, "sparsity": entry.sparsity, "path": str(entry.path) if entry.path else None,
+                    "fingerprint": entry.fingerprint, **res.info})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- export
+@dataclass
+class _ExportJob:
+    label: str
+    model: ModelEntry
+    artifact: str
+    folder: Path
+    fp: str
+
+
+def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
+    cfg = state.cfg
+    x = cfg["export"]
+    jobs = [_ExportJob(f"{m.label}-{a}", m, a, cfg.folder / "bundles" / f"{m.label}-{a}",
+                       fingerprint({"artifact": a, "max_context": x["max_context"]}, [m.fingerprint]))
+            for m in models for a in (x["dense_artifacts"] if m.path is None else x["artifacts"])]
+    if not jobs:
+        return []
+    # longest first, so the two slots end together (measured alone on SmolLM2-135M: 8da4w ~500-650 s,
+    # fp32 pte ~290 s, onnx ~60-120 s)
+    cost = {"pte-8da4w": 3, "pte": 2, "onnx-int8": 1.5, "onnx": 1}
+    listed = list(jobs)  # model by model, for the report
+    jobs.sort(key=lambda j: -cost[j.artifact])
+    children = _Children()
+    results: dict[str, StageResult] = {}
+    workers = max(1, min(x["jobs"], len(jobs)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("    %d exports, %d at a time", len(jobs), workers)
+
+    def one(job: _ExportJob) -> StageResult:
+        fmt, quant = ARTIFACTS[job.artifact]
+
+        def build(tmp: Path) -> dict:
+            if job.model.path is not None:
+                src = [str(job.model.path.resolve())]
+            else:
+                source, gguf = source_args(cfg)
+                src = ([source] if source else []) + (["--gguf-file", gguf] if gguf else [])
+                src += ["--trust-remote-code"] if cfg["model"]["trust_remote_code"] else []
+            work = tmp / "bundle"
+            cmd = [sys.executable, "-m", "fasp_edge.cli", "-q", "export", *src, "--formats", fmt, "--quant", quant,
+                   "--max-context", str(x["max_context"]), "-o", str(work)]
+            log_file = tmp / "export.log"
+            rc = children.run(cmd, _child_env(threads), log_file)
+            if rc != 0:
+                tail = log_file.read_text(errors="replace").strip().splitlines()[-5:] if log_file.exists() else []
+                raise RunError(f"export of {job.label} failed (exit {rc}): " + " / ".join(tail))
+            for f in work.iterdir():
+                os.replace(f, tmp / f.name)
+            work.rmdir()
+            log_file.unlink(missing_ok=True)
+            manifest = json.loads((tmp / "manifest.json").read_text())
+            return {"bytes": sum(f["bytes"] for f in manifest["files"].values()),
+                    "model_bytes": sum(rec["bytes"] for n, rec in manifest["files"].items() if n.startswith("model.")),
+                    "parity_max_abs_diff": manifest["parity"][fmt]["max_abs_diff"],
+                    "greedy_token_agreement": manifest["parity"][fmt]["greedy_token_agreement"],
+                    "export_seconds": manifest["artifacts"][fmt]["export_seconds"]}
+
+        return run_stage(job.label, job.folder, job.fp, build, force="export" in state.force)
+
+    from tqdm.auto import tqdm
+
+    for job in jobs:
+        state.announce("export", f"{job.label} ({job.artifact})")
+    started: dict[str, float] = {}
+
+    def start(job: _ExportJob) -> StageResult:
+        started[job.label] = time.time()
+        return one(job)
+
+    bar = tqdm(total=len(jobs), desc="export", unit="bundle", disable=not state.progress, leave=False)
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
+        futures = {pool.submit(start, job): job for job in jobs}
+        pending = set(futures)
+        while pending:
+            done, pending = concurrent.futures.wait(pending, timeout=2.0,
+                                                    return_when=concurrent.futures.FIRST_COMPLETED)
+            for f in done:
+                job = futures[f]
+                res = f.result()  # raises the stage's error
+                results[job.label] = res
+                bar.update(1)
+                state.stages.append({"stage": "export", "name": job.label, "folder": str(res.folder),
+                                     "skipped": res.skipped, "seconds": res.seconds, "fingerprint": res.fingerprint})
+                log.info("    %s: %s", job.label, "up to date, skipped" if res.skipped else f"done in {res.seconds:.0f} s")
+            running = [j.label for j in jobs if j.label in started and j.label not in results]
+            bar.set_postfix_str(", ".join(f"{r} {time.time() - started[r]:.0f}s" for r in running), refresh=False)
+    except BaseException:
+        # an interrupt or a failed export: stop the other exports first (their folders stay temporary and are
+        # removed), then wait for their threads
+        children.kill_all()
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        bar.close()
+    pool.shutdown(wait=True)
+    return [{"label": j.label, "model": j.model.label, "artifact": j.artifact, "path": str(j.folder),
+             "fingerprint": j.fp, **results[j.label].info} for j in listed]
+
+
+# ---------------------------------------------------------------------------------------- bench
+def _bench(state: RunState, bundles: list[dict], profiles) -> dict | None:
+    if not bundles:
+        return None
+    cfg = state.cfg
+    b = cfg["bench"]
+    settings = {k: b[k] for k in ("backends", "reps", "warmup", "rounds")} | {"profiles": [p.to_dict() for p in profiles]}
+    # the dense bundles first: every row is compared with the first dense bundle of its backend
+    order = sorted(bundles, key=lambda x: (x["model"] != "dense", ARTIFACTS[x["artifact"]][1] != "none"))
+    fp = fingerprint(settings, [x["fingerprint"] for x in order])
+
+    def build(tmp: Path) -> dict:
+        from ..runtime_bench.harness import run_bench
+        from ..runtime_bench.report import write_report
+
+        doc = run_bench([x["path"] for x in order], profiles, b["backends"], reps=b["reps"], warmup=b["warmup"],
+                        rounds=b["rounds"], progress=state.progress, omit_missing=True)
+        write_report(doc, tmp, overwrite=True)
+        ok = sum(r["status"] == "ok" for r in doc["results"])
+        return {"rows": len(doc["results"]), "measured": ok}
+
+    per_profile = sum(ARTIFACTS[x["artifact"]][0] in b["backends"] for x in order) + (
+        len({x["model"] for x in order}) if "torch" in b["backends"] else 0)
+    res = state.stage("bench", f"{len(order)} bundles on {', '.join(b['backends'])} under {len(profiles)} profile(s) "
+                      f"({', '.join(p.name for p in profiles)}): {per_profile * len(profiles)} measurements, "
+                      f"{b['rounds']} round(s)", cfg.folder / "bench", fp, build)
+    return {"folder": str(res.folder), **res.info}
+

@@ -1,0 +1,109 @@
+"""The run configuration: the documented default, user files, --set overrides and the errors they give."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from fasp_edge.cli import main
+from fasp_edge.pipeline.config import SCHEMA, ConfigError, default_text, defaults, load_config
+
+
+def _write(tmp_path: Path, text: str, name: str = "my.toml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_default_sets_and_documents_every_key():
+    data = defaults()
+    for section, keys in SCHEMA.items():
+        table = data if not section else data[section]
+        assert set(k for k, v in table.items() if not isinstance(v, dict)) == set(keys), section
+    # every key line carries a comment saying what it does
+    for line in default_text().splitlines():
+        if re.match(r"^[a-z_]+\s*=", line):
+            assert "#" in line, f"undocumented key: {line}"
+    cfg = load_config()  # the default passes its own checks
+    assert cfg.data == data and cfg.source == "the embedded default"
+    assert cfg["prune"]["sparsities"] == [0.2]
+    assert cfg["export"]["artifacts"] == ["pte", "pte-8da4w", "onnx"]
+    assert cfg["export"]["dense_artifacts"] == ["pte", "onnx"]
+    assert cfg["bench"]["profiles"] == ["hub", "phone-mid"]
+
+
+def test_user_file_overrides_and_keeps_the_rest(tmp_path):
+    (tmp_path / "calib.txt").write_text("hello")
+    f = _write(tmp_path, 'name = "mine"\n[prune]\nsparsities = [0.1, 0.3]\n[calibration]\ntext_file = "calib.txt"\n')
+    cfg = load_config(f)
+    assert cfg.name == "mine" and cfg["prune"]["sparsities"] == [0.1, 0.3]
+    assert cfg["prune"]["method"] == "fasp"  # untouched keys keep the default
+    assert Path(cfg["calibration"]["text_file"]) == (tmp_path / "calib.txt").resolve()  # read from the file's folder
+    again = load_config(_write(tmp_path / "..", cfg.to_toml(), "copy.toml"))  # the written config means the same
+    assert again.data == cfg.data
+
+
+def test_set_overrides_take_toml_values(tmp_path):
+    cfg = load_config(None, ["prune.sparsities=[0.2, 0.3]", "bench.reps=5", "name=other", "prune.method=wanda-sp"])
+    assert cfg["prune"]["sparsities"] == [0.2, 0.3] and cfg["bench"]["reps"] == 5 and cfg.name == "other"
+    assert cfg["prune"]["method"] == "wanda-sp"
+    assert load_config(None, ["prune.damp=1"])["prune"]["damp"] == 1.0  # an integer where a number is wanted
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[prune]\nsparsity = 0.2\n", r"my\.toml: unknown key 'prune\.sparsity' \(did you mean 'prune\.sparsities'\?\)"),
+    ("colour = 1\n", r"my\.toml: unknown key 'colour'"),
+    ("[prune]\nsparsities = 0.2\n", r"my\.toml: prune\.sparsities must be a list of numbers, got a number"),
+    ("[bench]\nreps = \"five\"\n", r"my\.toml: bench\.reps must be a whole number, got a string"),
+    ("[bench]\nreps = 0\n", r"my\.toml: bench\.reps must be >= 1"),
+    ("[export]\nartifacts = [\"pte-4bit\"]\n", r"my\.toml: export\.artifacts has 'pte-4bit'; choose from 'pte'"),
+    ("[prune]\nsparsities = [1.5]\n", r"my\.toml: prune\.sparsities must hold fractions strictly between 0 and 1"),
+    ("prune = 3\n", r"my\.toml: \[prune\] must be a table"),
+    ("[model]\ntrust_remote_code = \"yes\"\n", r"my\.toml: model\.trust_remote_code must be true or false"),
+    ("name = \"a/b\"\n", r"my\.toml: name must be a non-empty word"),
+    ("[evaluate]\nagreement_seed = 0\n", r"my\.toml: evaluate\.agreement_seed equals calibration\.seed"),
+    ("[prune\n", r"my\.toml: not valid TOML"),
+])
+def test_bad_config_names_the_key_and_the_file(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(_write(tmp_path, text))
+
+
+def test_bad_override_names_the_flag():
+    with pytest.raises(ConfigError, match=r"--set bench\.reps=x: bench\.reps must be a whole number, got a string"):
+        load_config(None, ["bench.reps=x"])
+    with pytest.raises(ConfigError, match=r"--set bnch\.reps=1: unknown section 'bnch'"):
+        load_config(None, ["bnch.reps=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(None, ["bench.reps"])
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path, capsys):
+    f = _write(tmp_path, "[prune]\nsparsity = 0.2\n")
+    assert main(["run", str(f), "-o", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("fasp-edge: error: ") and "prune.sparsity" in err and str(f) in err
+    assert "\n" not in err and not (tmp_path / "runs").exists()
+    assert main(["run", str(tmp_path / "missing.toml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["run", "--force", "everything", "-o", str(tmp_path / "runs")]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+
+
+def test_print_config(tmp_path, capsys):
+    assert main(["run", "--print-config"]) == 0
+    assert capsys.readouterr().out == default_text()
+    assert main(["run", "--print-config", "--set", "prune.sparsities=[0.3]", "--name", "x"]) == 0
+    out = tomllib.loads(capsys.readouterr().out)
+    assert out["prune"]["sparsities"] == [0.3] and out["name"] == "x"
+
+
+def test_shipped_examples_are_valid():
+    examples = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.toml"))
+    assert examples
+    for f in examples:
+        cfg = load_config(f)
+        assert cfg.source == str(f)
