@@ -57,6 +57,14 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through a temporary sibling and a rename: the file is the old one or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _apply_umask(path: Path, mode: int) -> None:
     umask = os.umask(0)
     os.umask(umask)

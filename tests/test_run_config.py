@@ -28,7 +28,7 @@ def test_default_sets_and_documents_every_key():
         if re.match(r"^[a-z_]+\s*=", line):
             assert "#" in line, f"undocumented key: {line}"
     cfg = load_config()  # the default passes its own checks
-    assert cfg.data == data and cfg.source == "the embedded default"
+    assert cfg.data == {**data, "output_dir": str(Path.cwd() / "runs")} and cfg.source == "the embedded default"
     assert cfg["prune"]["sparsities"] == [0.2]
     assert cfg["export"]["artifacts"] == ["pte", "pte-8da4w", "onnx"]
     assert cfg["export"]["dense_artifacts"] == ["pte", "onnx"]
@@ -44,6 +44,31 @@ def test_user_file_overrides_and_keeps_the_rest(tmp_path):
     assert Path(cfg["calibration"]["text_file"]) == (tmp_path / "calib.txt").resolve()  # read from the file's folder
     again = load_config(_write(tmp_path / "..", cfg.to_toml(), "copy.toml"))  # the written config means the same
     assert again.data == cfg.data
+
+
+def test_set_paths_are_read_from_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "cfgdir").mkdir()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "val.txt").write_text("x")
+    f = _write(tmp_path / "cfgdir", "[calibration]\nseed = 3\n", "c.toml")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(f, ["calibration.text_file=data/val.txt"])
+    assert Path(cfg["calibration"]["text_file"]) == tmp_path / "data" / "val.txt"
+    assert Path(cfg["output_dir"]) == tmp_path / "runs"  # absolute: config.toml reruns from anywhere
+
+
+def test_checks_across_keys_name_the_key_and_where_it_was_set(tmp_path):
+    with pytest.raises(ConfigError, match=r"my\.toml: calibration\.text_file .*nope\.txt does not exist"):
+        load_config(_write(tmp_path, '[calibration]\ntext_file = "nope.txt"\n'))
+    with pytest.raises(ConfigError, match=r"--set prune\.sparsities=\[0\.2, 0\.2000000001\]: .* same name"):
+        load_config(None, ["prune.sparsities=[0.2, 0.2000000001]"])
+    with pytest.raises(ConfigError, match=r"my\.toml: bench\.profiles: unknown profile 'watch'.*bench\.profile_files"):
+        load_config(_write(tmp_path, '[bench]\nprofiles = ["watch"]\n'))
+    with pytest.raises(ConfigError, match=r"--set evaluate\.agreement_seed=0: evaluate\.agreement_seed equals"):
+        load_config(None, ["evaluate.agreement_seed=0"])
+    # with calibration text there is no self-generated text to keep apart from
+    (tmp_path / "cal.txt").write_text("x")
+    load_config(_write(tmp_path, '[calibration]\ntext_file = "cal.txt"\n[evaluate]\nagreement_seed = 0\n'))
 
 
 def test_set_overrides_take_toml_values(tmp_path):

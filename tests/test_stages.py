@@ -84,3 +84,26 @@ def test_sigkill_mid_stage_then_rerun_finishes_cleanly(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["slow"]  # the stale temporary folder is gone
     record = json.loads((folder / "stage.json").read_text())
     assert record["complete"] and record["stage"] == "slow" and record["seconds"] >= 0
+
+
+def test_an_incomplete_stage_is_shown_but_built_again(tmp_path):
+    calls: list = []
+
+    def flaky(tmp):
+        calls.append(1)
+        (tmp / "bench.json").write_text("{}")
+        return {"incomplete": "1 measurement(s) failed"} if len(calls) == 1 else {"rows": 2}
+
+    first = run_stage("bench", tmp_path / "bench", "fp", flaky)
+    assert (tmp_path / "bench" / "bench.json").is_file() and read_record(tmp_path / "bench")["complete"] is False
+    second = run_stage("bench", tmp_path / "bench", "fp", flaky)
+    assert not second.skipped and len(calls) == 2 and read_record(tmp_path / "bench")["complete"] is True
+    assert run_stage("bench", tmp_path / "bench", "fp", flaky).skipped and first.info["incomplete"]
+
+
+def test_force_takes_every_later_stage_along():
+    from fasp_edge.pipeline.run import forced_stages
+
+    assert forced_stages(["prune"]) == {"prune", "evaluate", "export", "bench", "report"}
+    assert forced_stages(["bench", "evaluate"]) == {"evaluate", "export", "bench", "report"}
+    assert forced_stages([]) == set()

@@ -234,7 +234,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """The embedded default, updated by the file at ``path`` (if given), then by ``--set`` overrides."""
+    """The embedded default, updated by the file at ``path`` (if given), then by ``--set`` overrides.
+
+    Relative paths in the file are read from the file's folder, those given with ``--set`` (and
+    ``output_dir``) from the working directory; the result holds absolute paths.
+    """
     data = defaults()
     if path is None:
         source, base = "the embedded default", Path.cwd()
@@ -251,17 +255,53 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{p}: not valid TOML ({e})") from None
         _merge(data, user, str(p))
         source, base = str(p), p.resolve().parent
+    _resolve_paths(data, base)
+    where = {}  # key -> where its value came from, for the checks below
     for text in overrides:
         section, key, value = parse_override(text)
         if section and section not in SCHEMA:
             raise ConfigError(f"--set {text}: unknown section {section!r}; sections: "
                               f"{', '.join(s for s in SCHEMA if s)}")
         _set(data, section, key, value, f"--set {text}")
-    if data["evaluate"]["agreement_samples"] and data["evaluate"]["agreement_seed"] == data["calibration"]["seed"]:
-        raise ConfigError(f"{source}: evaluate.agreement_seed equals calibration.seed "
-                          f"({data['calibration']['seed']}); the agreement text must be held out: change one of them")
-    _resolve_paths(data, base)
+        where[_key(section, key)] = f"--set {text}"
+    _resolve_paths(data, Path.cwd())  # only what --set made relative is still relative
+    data["output_dir"] = str(Path(data["output_dir"]).expanduser().resolve())
+    _check(data, lambda *keys: next((where[k] for k in keys if k in where), source))
     return RunConfig(copy.deepcopy(data), source, base)
+
+
+def model_label(method: str, sparsity: float) -> str:
+    """The name of a pruned model in a run (its folders, its bundles' names)."""
+    return f"{method}-{sparsity:g}"
+
+
+def _check(data: dict, origin) -> None:
+    """Checks across keys and against the file system; ``origin(*keys)`` names where a key was set."""
+    cal, ev, pr = data["calibration"], data["evaluate"], data["prune"]
+    self_generated = not cal["text_file"] and pr["method"] != "magnitude"
+    if self_generated and ev["agreement_samples"] and ev["agreement_seed"] == cal["seed"]:
+        raise ConfigError(f"{origin('evaluate.agreement_seed', 'calibration.seed')}: evaluate.agreement_seed equals "
+                          f"calibration.seed ({cal['seed']}); the agreement text must be held out from the "
+                          "self-generated calibration text: change one of them")
+    labels = [model_label(pr["method"], s) for s in pr["sparsities"]]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{origin('prune.sparsities')}: prune.sparsities {pr['sparsities']} give two models the same "
+                          f"name ({', '.join(labels)}); use values that differ in their first 6 digits")
+    for section in ("calibration", "evaluate"):
+        f = data[section]["text_file"]
+        if f and not Path(f).is_file():
+            raise ConfigError(f"{origin(section + '.text_file')}: {section}.text_file {f} does not exist")
+    for f in data["bench"]["profile_files"]:
+        if not Path(f).is_file():
+            raise ConfigError(f"{origin('bench.profile_files')}: bench.profile_files: {f} does not exist")
+    if data["export"]["artifacts"] or data["export"]["dense_artifacts"]:
+        from ..runtime_bench.profiles import resolve_profiles
+
+        try:
+            resolve_profiles(data["bench"]["profiles"], data["bench"]["profile_files"])
+        except InvalidArgument as e:
+            msg = str(e).replace("(add your own with --profile-file)", "(add your own with bench.profile_files)")
+            raise ConfigError(f"{origin('bench.profiles', 'bench.profile_files')}: bench.profiles: {msg}") from None
 
 
 def _resolve_paths(data: dict, base: Path) -> None:

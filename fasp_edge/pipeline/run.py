@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -35,8 +34,9 @@ from pathlib import Path
 import torch
 
 from ..errors import FaspError, InvalidArgument
-from ..fsutil import sha256_file, state_dict_sha256
-from .config import ARTIFACTS, STAGES, RunConfig
+from ..fsutil import atomic_write_text, sha256_file, state_dict_sha256
+from ..procutil import die_with_parent_fn
+from .config import ARTIFACTS, STAGES, RunConfig, model_label
 from .stages import StageResult, fingerprint, run_stage
 
 log = logging.getLogger("fasp_edge")
@@ -104,11 +104,7 @@ def load_source(cfg: RunConfig):
 
 
 def _file_fp(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    if not path.is_file():
-        raise InvalidArgument(f"{path} does not exist (a text file named in the run configuration)")
-    return sha256_file(path)
+    return None if path is None else sha256_file(path)  # load_config checked that it exists
 
 
 def _child_env(threads: int) -> dict:
@@ -116,18 +112,6 @@ def _child_env(threads: int) -> dict:
     env["OMP_NUM_THREADS"] = str(threads)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
-
-
-def _die_with_parent() -> None:
-    """Runs in an export child before exec. The child stays in the run's process group, so a Ctrl-C in the
-    terminal reaches it too; on Linux it is also killed when the run dies (SIGKILL included)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
 
 
 class _Children:
@@ -143,8 +127,10 @@ class _Children:
             if self.stopping:
                 raise KeyboardInterrupt
             with open(log_file, "wb") as out:
+                # the child stays in the run's process group (a terminal Ctrl-C reaches it) and, on Linux,
+                # is killed when the run dies
                 proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                        preexec_fn=_die_with_parent if os.name == "posix" else None)
+                                        preexec_fn=die_with_parent_fn())
             self.procs.add(proc)
         try:
             return proc.wait()
@@ -173,15 +159,22 @@ def plan_total(cfg: RunConfig) -> int:
     return int(needs_calib) + n_pruned + evaluate + n_export + (1 if n_export else 0) + 1
 
 
+def forced_stages(force: list[str] | tuple[str, ...]) -> set[str]:
+    """``--force`` stages and every stage after them. A stage's fingerprint is built from its inputs'
+    fingerprints, not their bytes, so a rebuilt stage must take what reads it along."""
+    return set(STAGES[min(STAGES.index(s) for s in force):]) if force else set()
+
+
 def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bool = True) -> Path:
     """Run the whole job described by ``cfg``; return the run folder (with report.md and report.html)."""
     bad = [s for s in force if s not in STAGES]
     if bad:
         raise InvalidArgument(f"--force {bad[0]}: unknown stage; stages are {', '.join(STAGES)}")
+    forced = forced_stages(force)
     from ..runtime_bench.harness import check_backends
     from ..runtime_bench.profiles import resolve_profiles
 
-    # everything a user can get wrong is checked before the first long step
+    # everything a user can get wrong is checked before the first long step (the rest in load_config)
     check_backends(cfg["bench"]["backends"])
     profiles = resolve_profiles(cfg["bench"]["profiles"], [str(cfg.path(f)) for f in cfg["bench"]["profile_files"]])
     calib_file = cfg.path(cfg["calibration"]["text_file"])
@@ -194,8 +187,7 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         swept = sweep_temporaries(folder)
         if swept:
             log.info("removed %d temporary folder(s) an interrupted run left behind", swept)
-        _write_text(folder / "config.toml", cfg.to_toml())
-        state = RunState(cfg, set(force), progress, total=plan_total(cfg))
+        state = RunState(cfg, forced, progress, total=plan_total(cfg))
         log.info("run %s: %d steps, folder %s", cfg.name, state.total, folder)
         dense = state.dense()
         dense_fp = fingerprint({"source": cfg["model"]["source"] or "embedded", "gguf": cfg["model"]["gguf_file"],
@@ -207,14 +199,17 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         del dense
         bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned)
         bench = _bench(state, bundles, profiles)
+        from ..runtime_bench.measure import host_facts
         from .run_report import write_run_report
 
         state.announce("report", "report.md, report.html")
         t0 = time.perf_counter()
+        atomic_write_text(folder / "config.toml", cfg.to_toml())  # with the report it belongs to
         doc = {
             "config": cfg.data, "config_source": cfg.source, "started_unix": int(started),
             "duration_s": round(time.time() - started, 1),
             "models": evaluation, "bundles": bundles, "bench": bench, "stages": state.stages,
+            "host": host_facts(),
         }
         write_run_report(doc, folder)
         log.info("    done in %.1f s", time.perf_counter() - t0)
@@ -253,12 +248,6 @@ def sweep_temporaries(folder: Path) -> int:
     return n
 
 
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------------------- calibrate
 def _calibrate(state: RunState, dense_fp: str, calib_file: Path | None, file_fp: str | None):
     """Calibration windows (saved as a tensor), or None for magnitude pruning."""
@@ -294,17 +283,13 @@ def _windows(res: StageResult | None) -> torch.Tensor | None:
 
 
 # ---------------------------------------------------------------------------------------- prune
-def model_label(method: str, sparsity: float) -> str:
-    return f"{method}-{sparsity:g}"
-
-
 def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[ModelEntry]:
     cfg = state.cfg
     p = cfg["prune"]
     out = []
     for s in p["sparsities"]:
         label = model_label(p["method"], s)
-        settings = {k: p[k] for k in ("method", "targets", "align", "damp")} | {"sparsity": s}
+        settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device")} | {"sparsity": s}
         fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
 
         def build(tmp: Path, s=s) -> dict:
@@ -386,8 +371,7 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
                          "nonembedding_parameters": total - count_embedding_parameters(family, model),
                          "ffn_dims": family.ffn_dims(model), "v_head_dims": family.v_head_dims(model),
                          "head_dim": family.head_dim(model)}
-            if entry.path is not None:
-                res["checkpoint_bytes"] = sum(f.stat().st_size for f in entry.path.iterdir() if f.is_file())
+            res["weights_bytes"] = _weights_bytes(entry.path, cfg)
             if text is not None:
                 res["perplexity"] = perplexity(model, loaded.tokenizer, text, seqlen=e["seqlen"],
                                                max_windows=e["max_windows"] or None, progress=state.progress)
@@ -399,11 +383,28 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
 
         parts = (["parameters"] + (["perplexity"] if text is not None else [])
                  + (["agreement"] if heldout is not None and entry.path is not None else []))
+        uses_heldout = heldout is not None and entry.path is not None  # the dense model needs no agreement
         res = state.stage("evaluate", f"{entry.label}: {', '.join(parts)}", cfg.folder / "evaluate" / entry.label,
-                          fingerprint(settings, [entry.fingerprint] + ([heldout.fingerprint] if heldout else [])), build)
+                          fingerprint(settings, [entry.fingerprint] + ([heldout.fingerprint] if uses_heldout else [])),
+                          build)
         out.append({"label": entry.label, "sparsity": entry.sparsity, "path": str(entry.path) if entry.path else None,
                     "fingerprint": entry.fingerprint, **res.info})
     return out
+
+
+def _weights_bytes(checkpoint: Path | None, cfg: RunConfig) -> int | None:
+    """Size of a model's weight files: a pruned checkpoint's, or the dense source's (folder or GGUF)."""
+    if checkpoint is None:
+        from ..models.loading import default_model_folder
+
+        source, gguf = source_args(cfg)
+        if gguf is not None:
+            p = Path(gguf) if source is None else Path(source) / gguf
+            return p.stat().st_size if p.is_file() else None
+        checkpoint = Path(source) if source is not None else default_model_folder()
+        if not checkpoint.is_dir():
+            return None  # a hub id
+    return sum(f.stat().st_size for f in checkpoint.iterdir() if f.suffix in (".safetensors", ".bin", ".gguf"))
 
 
 # ---------------------------------------------------------------------------------------- export
@@ -478,6 +479,7 @@ def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
 
     bar = tqdm(total=len(jobs), desc="export", unit="bundle", disable=not state.progress, leave=False)
     pool = concurrent.futures.ThreadPoolExecutor(workers)
+    errors: list[str] = []
     try:
         futures = {pool.submit(start, job): job for job in jobs}
         pending = set(futures)
@@ -486,7 +488,17 @@ def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
                                                     return_when=concurrent.futures.FIRST_COMPLETED)
             for f in done:
                 job = futures[f]
-                res = f.result()  # raises the stage's error
+                if f.cancelled():
+                    continue
+                try:
+                    res = f.result()
+                except RunError as e:
+                    # a failed export: start no other, but let the running ones finish (and be kept)
+                    errors.append(str(e))
+                    log.error("    %s", e)
+                    for g in pending:
+                        g.cancel()
+                    continue
                 results[job.label] = res
                 bar.update(1)
                 state.stages.append({"stage": "export", "name": job.label, "folder": str(res.folder),
@@ -495,14 +507,17 @@ def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
             running = [j.label for j in jobs if j.label in started and j.label not in results]
             bar.set_postfix_str(", ".join(f"{r} {time.time() - started[r]:.0f}s" for r in running), refresh=False)
     except BaseException:
-        # an interrupt or a failed export: stop the other exports first (their folders stay temporary and are
-        # removed), then wait for their threads
+        # an interrupt: stop every export first (their folders stay temporary and are removed), then wait for
+        # their threads
         children.kill_all()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     finally:
         bar.close()
     pool.shutdown(wait=True)
+    if errors:
+        raise RunError(f"{len(errors)} export(s) failed (the finished ones are kept; run again to retry): "
+                       + " | ".join(errors))
     return [{"label": j.label, "model": j.model.label, "artifact": j.artifact, "path": str(j.folder),
              "fingerprint": j.fp, **results[j.label].info} for j in listed]
 
@@ -513,7 +528,14 @@ def _bench(state: RunState, bundles: list[dict], profiles) -> dict | None:
         return None
     cfg = state.cfg
     b = cfg["bench"]
-    settings = {k: b[k] for k in ("backends", "reps", "warmup", "rounds")} | {"profiles": [p.to_dict() for p in profiles]}
+    from ..runtime_bench.measure import host_facts
+
+    host = host_facts()
+    # what the figures depend on: the settings, the profiles' numbers (not their prose) and the host
+    settings = {k: b[k] for k in ("backends", "reps", "warmup", "rounds")} | {
+        "profiles": [{k: v for k, v in p.to_dict().items() if k not in ("note", "source", "description")}
+                     for p in profiles],
+        "host": {k: host.get(k) for k in ("cpu_model", "logical_cpus", "usable_cpus", "os", "arch", "versions")}}
     # the dense bundles first: every row is compared with the first dense bundle of its backend
     order = sorted(bundles, key=lambda x: (x["model"] != "dense", ARTIFACTS[x["artifact"]][1] != "none"))
     fp = fingerprint(settings, [x["fingerprint"] for x in order])
@@ -526,7 +548,13 @@ def _bench(state: RunState, bundles: list[dict], profiles) -> dict | None:
                         rounds=b["rounds"], progress=state.progress, omit_missing=True)
         write_report(doc, tmp, overwrite=True)
         ok = sum(r["status"] == "ok" for r in doc["results"])
-        return {"rows": len(doc["results"]), "measured": ok}
+        failed = [f"{r['bundle']} / {r['backend']} / {r['profile']}: {r['reason']}" for r in doc["results"]
+                  if r["status"] == "failed"]
+        info = {"rows": len(doc["results"]), "measured": ok}
+        if failed:  # shown in the report now, measured again by the next run
+            log.warning("    %d measurement(s) failed; the next run measures again: %s", len(failed), "; ".join(failed))
+            info["incomplete"] = f"{len(failed)} measurement(s) failed"
+        return info
 
     per_profile = sum(ARTIFACTS[x["artifact"]][0] in b["backends"] for x in order) + (
         len({x["model"] for x in order}) if "torch" in b["backends"] else 0)

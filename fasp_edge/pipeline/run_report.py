@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from ..fsutil import atomic_write_text
 from .config import ARTIFACTS
 
 
@@ -69,7 +70,8 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
         notes.append(f"Perplexity: {m0['text_file']}, {m0['windows']} windows of {m0['seqlen']} tokens.")
     else:
         notes.append("Perplexity: no evaluation text was given (evaluate.text_file).")
-    notes.append("Widths: the FFN width and the value head dim per layer (one number when every layer has the same); "
+    notes.append("Weights MB: the float32 weight files (the dense source's, the pruned checkpoint's). "
+                 "Widths: the FFN width and the value head dim per layer (one number when every layer has the same); "
                  f"pruning keeps multiples of prune.align = {cfg['prune']['align']}.")
     rows = []
     for m in models:
@@ -80,11 +82,12 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
                      "–" if not base or m["label"] == "dense" else f"-{_pct(1 - m['parameters'] / base)}",
                      "–" if not dense or m["label"] == "dense" else
                      f"-{_pct(1 - m['nonembedding_parameters'] / dense['nonembedding_parameters'])}",
+                     _mb(m.get("weights_bytes")),
                      _x(m.get("perplexity", {}).get("perplexity")),
                      _x(m.get("agreement", {}).get("top1_agreement"), 3),
                      _x(m.get("agreement", {}).get("mean_kl"), 3)])
-    out.append(("table", ["model", "sparsity", "FFN / value widths", "parameters", "non-embedding", "params removed", "non-emb. removed",
-                          "perplexity", "top-1 agreement", "mean KL"], rows))
+    out.append(("table", ["model", "sparsity", "FFN / value widths", "parameters", "non-embedding", "params removed",
+                          "non-emb. removed", "weights MB", "perplexity", "top-1 agreement", "mean KL"], rows))
     out += [("p", n) for n in notes]
 
     # ------------------------------------------------------------- artifacts
@@ -120,11 +123,14 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
                          "–" if not v.get("ttft_speedup") or v.get("reference") == r["bundle"] else f"{v['ttft_speedup']:.2f}x",
                          "–" if not v.get("memory_ratio") or v.get("reference") == r["bundle"] else _x(v["memory_ratio"])])
         s = bench["settings"]
-        out.append(("p", f"Median of {s['reps']} generations after {s['warmup']} warm-up, each row in a fresh process"
-                         + (f", {s['rounds']} rounds pooled" if s.get("rounds", 1) > 1 else "") +
-                         ". Speed-ups and the memory ratio compare with the dense fp32 bundle of the same backend under "
-                         "the same profile, measured in the same run. Model MB: peak RSS minus the RSS before loading, "
-                         "judged against the profile's memory budget."))
+        compared = any((r.get("vs_dense") or {}).get("reference") not in (None, r["bundle"]) for r in ok)
+        out.append(("p", f"Median of {s['reps']} generation(s) after {s['warmup']} warm-up, each row in a fresh process"
+                         + (f", {s['rounds']} rounds pooled" if s.get("rounds", 1) > 1 else "") + ". "
+                         + ("Speed-ups and the memory ratio compare with the dense fp32 bundle of the same backend under "
+                            "the same profile, measured in the same run. " if compared else
+                            "No dense fp32 bundle was measured (export.dense_artifacts), so there are no speed-ups. ")
+                         + "Model MB: peak RSS minus the RSS before loading, judged against the profile's memory "
+                           "budget."))
         out.append(("table", ["profile", "backend", "bundle", "decode tok/s", "TTFT ms", "load s", "peak RSS MB",
                               "model MB", "budget", "decode speed-up", "TTFT speed-up", "memory ratio"], rows))
         for name, alt in (("decode_tokens_per_s.png", "decode tokens/s per profile and backend"),
@@ -143,7 +149,8 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
         out.append(("table", ["profile", "threads", "memory budget MB", "prompt", "generate", "stands for"],
                     [[p["name"], p["threads"], p["memory_budget_mb"], p["prompt_tokens"], p["generate_tokens"],
                       p["description"]] for p in profs.values()]))
-        host = bench["host"]
+    host = (bench or {}).get("host") or doc.get("host")
+    if host:
         out.append(("h2", "Host"))
         out.append(("p", f"{host['cpu_model']}, {host['usable_cpus']} usable of {host['logical_cpus']} logical CPUs, "
                          f"{_x(host['memory_total_mb'], 0)} MB memory; {host['os']} ({host['arch']}). "
@@ -179,12 +186,16 @@ def _summary(doc: dict, bench: dict | None) -> list[str]:
             parts.append(f"top-1 agreement with dense {m['agreement']['top1_agreement']:.3f}")
         if "perplexity" in m and "perplexity" in dense:
             parts.append(f"perplexity {dense['perplexity']['perplexity']:.2f} -> {m['perplexity']['perplexity']:.2f}")
-        mine = [b for b in doc["bundles"] if b["model"] == label]
+        mine = {b["label"]: b["artifact"] for b in doc["bundles"] if b["model"] == label}
+
+        def what(r: dict) -> str:
+            return "torch" if r["backend"] == "torch" else mine[r["bundle"]]
+
         for prof in (bench or {}).get("settings", {}).get("profiles", []):
-            rows = [r for r in ok if r["profile"] == prof and any(r["bundle"] == b["label"] for b in mine)]
-            speed = [f"{r['bundle'][len(label) + 1:]} {r['vs_dense']['decode_speedup']:.2f}x"
+            rows = [r for r in ok if r["profile"] == prof and r["bundle"] in mine]
+            speed = [f"{what(r)} {r['vs_dense']['decode_speedup']:.2f}x"
                      for r in rows if (r.get("vs_dense") or {}).get("decode_speedup")]
-            fits = [r["bundle"][len(label) + 1:] for r in rows if r["memory"]["verdict"] == "within budget"]
+            fits = [what(r) for r in rows if r["memory"]["verdict"] == "within budget"]
             if speed or rows:
                 parts.append(f"{prof}: decode " + (", ".join(speed) if speed else "–") + " the dense fp32 speed; "
                              + (f"fits the budget: {', '.join(fits)}" if fits else "nothing fits the budget"))
@@ -270,15 +281,9 @@ def to_html(bl: list[tuple]) -> str:
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_run_report(doc: dict, folder: Path) -> None:
     """Write run.json, report.md and report.html into ``folder`` (each file replaced atomically)."""
-    _write(folder / "run.json", json.dumps(doc, indent=1, default=str) + "\n")
+    atomic_write_text(folder / "run.json", json.dumps(doc, indent=1, default=str) + "\n")
     bl = blocks(doc, folder)
-    _write(folder / "report.md", to_markdown(bl, folder))
-    _write(folder / "report.html", to_html(bl))
+    atomic_write_text(folder / "report.md", to_markdown(bl, folder))
+    atomic_write_text(folder / "report.html", to_html(bl))

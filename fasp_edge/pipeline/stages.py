@@ -65,7 +65,9 @@ def run_stage(name: str, folder: str | Path, fp: str, build: Callable[[Path], di
               force: bool = False) -> StageResult:
     """Build ``folder`` with ``build(tmp_folder) -> info`` unless it already holds fingerprint ``fp``.
 
-    ``force`` rebuilds regardless. ``info`` (JSON-able) is kept in the stage record and returned.
+    ``force`` rebuilds regardless. ``info`` (JSON-able) is kept in the stage record and returned. An ``info``
+    with ``"incomplete": reason`` still writes the folder (its output is shown), but the record says it is
+    not complete, so the next run builds it again (a measurement that failed once, for instance).
     """
     folder = Path(folder)
     remove_stale_temporaries(folder)
@@ -79,6 +81,6 @@ def run_stage(name: str, folder: str | Path, fp: str, build: Callable[[Path], di
     with atomic_output_dir(folder, overwrite=True) as tmp:
         info = build(tmp) or {}
         seconds = round(time.perf_counter() - t0, 2)
-        (tmp / RECORD).write_text(json.dumps({"stage": name, "fingerprint": fp, "complete": True,
+        (tmp / RECORD).write_text(json.dumps({"stage": name, "fingerprint": fp, "complete": not info.get("incomplete"),
                                               "seconds": seconds, "info": info}, indent=1, default=str) + "\n")
     return StageResult(name, folder, fp, False, seconds, info)

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..errors import InvalidArgument
 from ..export.bundle import Bundle, load_bundle
 from ..export.bundle import describe as describe_bundle
+from ..procutil import die_with_parent_fn
 from .engines import BACKENDS
 from .measure import PROGRESS_MARK, host_facts, status_row, summarize
 from .profiles import Profile
@@ -138,7 +139,7 @@ def run_measurement(target: Target, backend: str, profile: Profile, reps: int, w
         cmd = [sys.executable, "-m", "fasp_edge.runtime_bench.measure", str(spec_path), str(out_path)]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
-                                errors="replace")
+                                errors="replace", preexec_fn=die_with_parent_fn())
         tail: deque[str] = deque(maxlen=20)
 
         def pump() -> None:
