@@ -124,10 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default=None, help="run name (the folder under output_dir); same as --set name=...")
     p.add_argument("-o", "--output-dir", default=None, help="where run folders go; same as --set output_dir=...")
     p.add_argument("--force", action="append", default=[], metavar="STAGE",
-                   help="redo STAGE even when it is up to date: calibrate, prune, evaluate, export, bench "
-                   "(repeatable)")
+                   help="redo STAGE and every stage after it even when up to date: calibrate, prune, evaluate, "
+                   "export, bench")
     p.add_argument("--print-config", action="store_true", help="print the configuration the run would use and exit "
                    "(without CONFIG and --set: the commented default)")
+
+    p = sub.add_parser("push-android", help="copy a bundle to a phone for the demo app (prints or runs adb push)")
+    p.add_argument("bundle", help="bundle folder made by `fasp-edge export` (checked against its manifest first)")
+    p.add_argument("--name", default=None, help="folder name on the phone (default: the bundle folder's name)")
+    p.add_argument("--serial", default=None, help="adb device serial, when several are connected")
+    p.add_argument("--run", action="store_true", help="run the adb commands instead of printing them")
 
     p = sub.add_parser("profiles", help="list the device profiles and what each stands for")
     p.add_argument("--profile-file", action="append", default=[], metavar="TOML", help="also check and show this file")
@@ -174,6 +180,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
     folder = run(cfg, force=args.force, progress=not args.quiet)
     print(f"wrote {folder / 'report.html'} and {folder / 'report.md'}")
+    return 0
+
+
+def _cmd_push_android(args: argparse.Namespace) -> int:
+    import shlex
+
+    from .export.android import DEVICE_BUNDLES, push_commands, run_commands
+
+    commands = push_commands(args.bundle, name=args.name, serial=args.serial)
+    if args.run:
+        run_commands(commands)
+        print(f"pushed {args.bundle} to {DEVICE_BUNDLES}/; in the app press Refresh, pick it and Load")
+    else:
+        for cmd in commands:
+            print(shlex.join(cmd))
     return 0
 
 
@@ -333,7 +354,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate,
-            "bench": _cmd_bench, "run": _cmd_run, "profiles": _cmd_profiles}
+            "bench": _cmd_bench, "run": _cmd_run, "push-android": _cmd_push_android,
+            "profiles": _cmd_profiles}
 
 
 def main(argv: list[str] | None = None) -> int:

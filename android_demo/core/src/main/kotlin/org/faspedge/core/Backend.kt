@@ -1,0 +1,64 @@
+package org.faspedge.core
+
+/** The runtimes the app carries: ExecuTorch's LlmModule for `.pte`, ONNX Runtime for `.onnx`. */
+enum class Backend(val format: String, val label: String) {
+    PTE("pte", "ExecuTorch (XNNPACK)"),
+    ONNX("onnx", "ONNX Runtime");
+
+    /** Quantizations of this format the app runs (fasp-edge export --quant). */
+    val quantizations: Set<String>
+        get() = if (this == PTE) setOf("none", "8da4w") else setOf("none", "int8")
+
+    companion object {
+        fun of(name: String): Backend = entries.firstOrNull { it.format == name.lowercase() }
+            ?: throw BundleException("unknown backend '$name'; choose pte or onnx")
+    }
+}
+
+/** What the app will run a bundle with, and the tokenizer file that goes with it. */
+data class Plan(val backend: Backend, val modelFile: String, val tokenizerFile: String)
+
+object Backends {
+    /** Every backend that can run [bundle], best first (`.pte` first: LlmModule runs the whole loop natively). */
+    fun usable(bundle: Bundle): List<Plan> {
+        val m = bundle.manifest
+        val out = ArrayList<Plan>()
+        for (b in Backend.entries) {
+            val art = m.artifacts[b.format] ?: continue
+            if (m.quantization !in b.quantizations) continue
+            val tok = when (b) {
+                Backend.PTE -> m.tokenizer.runnerTokenizer  // what ExecuTorch's C++ tokenizers read
+                Backend.ONNX -> m.tokenizer.hfTokenizer      // tokenizer.json, read by Tokenizer.kt
+            } ?: continue
+            if (!bundle.file(tok).isFile) continue
+            out.add(Plan(b, art.file, tok))
+        }
+        return out
+    }
+
+    /** The plan for [bundle]: [preferred] when it can run it, else the best usable one. */
+    fun choose(bundle: Bundle, preferred: Backend? = null): Plan {
+        val m = bundle.manifest
+        val plans = usable(bundle)
+        if (preferred != null) {
+            plans.firstOrNull { it.backend == preferred }?.let { return it }
+        }
+        plans.firstOrNull()?.let { return it }
+        // say why nothing fits
+        val reasons = Backend.entries.mapNotNull { b ->
+            val art = m.artifacts[b.format] ?: return@mapNotNull null
+            when {
+                m.quantization !in b.quantizations ->
+                    "${art.file}: quantization '${m.quantization}' is not one the app runs on ${b.label} (${b.quantizations.joinToString()})"
+                b == Backend.PTE && m.tokenizer.runnerTokenizer == null ->
+                    "${art.file}: the bundle names no tokenizer file ExecuTorch's runner can read"
+                b == Backend.ONNX && m.tokenizer.hfTokenizer == null -> "${art.file}: the bundle names no tokenizer.json"
+                else -> "${art.file}: the tokenizer file ${if (b == Backend.PTE) m.tokenizer.runnerTokenizer else m.tokenizer.hfTokenizer} is missing"
+            }
+        }
+        if (reasons.isEmpty()) {
+            throw BundleException("${bundle.dir.name} has no model.pte or model.onnx; export one with `fasp-edge export --formats pte,onnx`")
+        }
+        throw BundleException("${bundle.dir.name} cannot run here: " + reasons.joinToString("; "))
+    }
+}
