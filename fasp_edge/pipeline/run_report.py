@@ -130,7 +130,10 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
                             "the same profile, measured in the same run. " if compared else
                             "No dense fp32 bundle was measured (export.dense_artifacts), so there are no speed-ups. ")
                          + "Model MB: peak RSS minus the RSS before loading, judged against the profile's memory "
-                           "budget."))
+                           "budget."
+                         + (" One round: on a shared or throttling machine single-run ratios move by about 10% "
+                            "from run to run; bench.rounds = 3 pools three fresh-process rounds." if s.get("rounds", 1) == 1
+                            else "")))
         out.append(("table", ["profile", "backend", "bundle", "decode tok/s", "TTFT ms", "load s", "peak RSS MB",
                               "model MB", "budget", "decode speed-up", "TTFT speed-up", "memory ratio"], rows))
         for name, alt in (("decode_tokens_per_s.png", "decode tokens/s per profile and backend"),
