@@ -39,11 +39,8 @@ dependencies {
     implementation(project(":core"))
     // ExecuTorch's Android API (LlmModule: the C++ TextLLMRunner, XNNPACK). Keep it at or above the
     // executorch that exported the .pte (fasp-edge pins executorch 1.4.1 for export).
+    // From Maven it brings its own fbjni and soloader (ExecuTorch's docs add those only for a local AAR).
     implementation("org.pytorch:executorch-android:1.4.0")
-    implementation("com.facebook.fbjni:fbjni:0.7.0")
-    implementation("com.facebook.soloader:nativeloader:0.10.5")
     implementation("com.microsoft.onnxruntime:onnxruntime-android:1.22.0")
     implementation("androidx.appcompat:appcompat:1.7.0")
-    implementation("androidx.core:core-ktx:1.13.1")
-    implementation("org.jetbrains.kotlinx:kotlinx-coroutines-android:1.9.0")
 }
