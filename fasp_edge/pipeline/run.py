@@ -37,7 +37,7 @@ from ..errors import FaspError, InvalidArgument
 from ..fsutil import atomic_write_text, sha256_file, state_dict_sha256
 from ..procutil import die_with_parent_fn
 from .config import ARTIFACTS, STAGES, RunConfig, model_label
-from .stages import StageResult, fingerprint, run_stage
+from .stages import StageResult, fingerprint, run_stage, sweep_temporaries
 
 log = logging.getLogger("fasp_edge")
 
@@ -71,10 +71,11 @@ class RunState:
         self._step += 1
         log.info("[%d/%d] %s %s", self._step, self.total, stage, what)
 
-    def record(self, res: StageResult, stage: str) -> StageResult:
+    def record(self, res: StageResult, stage: str, label: str = "") -> StageResult:
         self.stages.append({"stage": stage, "name": res.name, "folder": str(res.folder), "skipped": res.skipped,
                             "seconds": res.seconds, "fingerprint": res.fingerprint})
-        log.info("    %s", "up to date, skipped" if res.skipped else f"done in {res.seconds:.0f} s")
+        log.info("    %s%s", f"{label}: " if label else "", "up to date, skipped" if res.skipped else
+                 f"done in {res.seconds:.0f} s")
         return res
 
     # ---------------------------------------------------------------- the dense source
@@ -198,8 +199,10 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         state._dense = None  # the exports and the bench run in child processes
         del dense
         bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned)
-        bench = _bench(state, bundles, profiles)
         from ..runtime_bench.measure import host_facts
+
+        host = host_facts()
+        bench = _bench(state, bundles, profiles, host)
         from .run_report import write_run_report
 
         state.announce("report", "report.md, report.html")
@@ -209,7 +212,7 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
             "config": cfg.data, "config_source": cfg.source, "started_unix": int(started),
             "duration_s": round(time.time() - started, 1),
             "models": evaluation, "bundles": bundles, "bench": bench, "stages": state.stages,
-            "host": host_facts(),
+            "host": host,
         }
         write_run_report(doc, folder)
         log.info("    done in %.1f s", time.perf_counter() - t0)
@@ -232,20 +235,6 @@ def _run_lock(folder: Path):
             raise RunError(f"another fasp-edge run is using {folder}; wait for it to finish or use another "
                            "name (--name)") from None
         yield
-
-
-def sweep_temporaries(folder: Path) -> int:
-    """Remove what killed runs left in a run folder: temporary stage folders and files (``.NAME.tmp-*``,
-    ``.NAME.old-*``), also of stages the current configuration no longer has. Call it holding the lock."""
-    import shutil
-
-    n = 0
-    for parent in [folder] + [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]:
-        for p in parent.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-                n += 1
-    return n
 
 
 # ---------------------------------------------------------------------------------------- calibrate
@@ -499,11 +488,8 @@ def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
                     for g in pending:
                         g.cancel()
                     continue
-                results[job.label] = res
+                results[job.label] = state.record(res, "export", job.label)
                 bar.update(1)
-                state.stages.append({"stage": "export", "name": job.label, "folder": str(res.folder),
-                                     "skipped": res.skipped, "seconds": res.seconds, "fingerprint": res.fingerprint})
-                log.info("    %s: %s", job.label, "up to date, skipped" if res.skipped else f"done in {res.seconds:.0f} s")
             running = [j.label for j in jobs if j.label in started and j.label not in results]
             bar.set_postfix_str(", ".join(f"{r} {time.time() - started[r]:.0f}s" for r in running), refresh=False)
     except BaseException:
@@ -523,14 +509,11 @@ def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- bench
-def _bench(state: RunState, bundles: list[dict], profiles) -> dict | None:
+def _bench(state: RunState, bundles: list[dict], profiles, host: dict) -> dict | None:
     if not bundles:
         return None
     cfg = state.cfg
     b = cfg["bench"]
-    from ..runtime_bench.measure import host_facts
-
-    host = host_facts()
     # what the figures depend on: the settings, the profiles' numbers (not their prose) and the host
     settings = {k: b[k] for k in ("backends", "reps", "warmup", "rounds")} | {
         "profiles": [{k: v for k, v in p.to_dict().items() if k not in ("note", "source", "description")}

@@ -14,15 +14,12 @@ import time
 from pathlib import Path
 
 from ..fsutil import atomic_write_text
+from ..runtime_bench.report import _fmt
 from .config import ARTIFACTS
 
 
 def _mb(n: float | None) -> str:
     return "–" if n is None else f"{n / 1e6:.1f}"
-
-
-def _x(v: float | None, digits: int = 2) -> str:
-    return "–" if v is None else f"{v:.{digits}f}"
 
 
 def _count(n: int) -> str:
@@ -83,9 +80,9 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
                      "–" if not dense or m["label"] == "dense" else
                      f"-{_pct(1 - m['nonembedding_parameters'] / dense['nonembedding_parameters'])}",
                      _mb(m.get("weights_bytes")),
-                     _x(m.get("perplexity", {}).get("perplexity")),
-                     _x(m.get("agreement", {}).get("top1_agreement"), 3),
-                     _x(m.get("agreement", {}).get("mean_kl"), 3)])
+                     _fmt(m.get("perplexity", {}).get("perplexity")),
+                     _fmt(m.get("agreement", {}).get("top1_agreement"), 3),
+                     _fmt(m.get("agreement", {}).get("mean_kl"), 3)])
     out.append(("table", ["model", "sparsity", "FFN / value widths", "parameters", "non-embedding", "params removed",
                           "non-emb. removed", "weights MB", "perplexity", "top-1 agreement", "mean KL"], rows))
     out += [("p", n) for n in notes]
@@ -98,9 +95,9 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
         for b in doc["bundles"]:
             ref = dense_size.get(b["artifact"])
             rows.append([b["label"], b["artifact"], _mb(b["model_bytes"]), _mb(b["bytes"]),
-                         "–" if not ref or b["model"] == "dense" else _x(b["model_bytes"] / ref),
-                         f"{b['parity_max_abs_diff']:.1e}", _x(b["greedy_token_agreement"]),
-                         _x(b.get("export_seconds"), 0)])
+                         "–" if not ref or b["model"] == "dense" else _fmt(b["model_bytes"] / ref),
+                         f"{b['parity_max_abs_diff']:.1e}", _fmt(b["greedy_token_agreement"]),
+                         _fmt(b.get("export_seconds"), 0)])
         out.append(("table", ["bundle", "artifact", "model file(s) MB", "bundle MB", "size vs dense", "parity max |Δlogit|",
                               "greedy agreement", "export s"], rows))
         out.append(("p", "Parity: the artifact's logits against the PyTorch model over a 64-token prefill and 32 greedy "
@@ -115,13 +112,13 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
         rows = []
         for r in ok:
             m, mem, v = r["metrics"], r["memory"], r.get("vs_dense") or {}
-            rows.append([r["profile"], r["backend"], r["bundle"], _x(m["decode_tokens_per_s"]["median"], 1),
-                         _x(1000 * m["ttft_s"]["median"], 0), _x(m["load_s"]["median"], 2), _x(mem["peak_rss_mb"], 0),
-                         _x(mem["model_rss_mb"], 0), f"{'fits' if mem['verdict'] == 'within budget' else 'OVER'} "
+            rows.append([r["profile"], r["backend"], r["bundle"], _fmt(m["decode_tokens_per_s"]["median"], 1),
+                         _fmt(1000 * m["ttft_s"]["median"], 0), _fmt(m["load_s"]["median"], 2), _fmt(mem["peak_rss_mb"], 0),
+                         _fmt(mem["model_rss_mb"], 0), f"{'fits' if mem['verdict'] == 'within budget' else 'OVER'} "
                          f"({mem['budget_mb']} MB)",
                          "–" if not v.get("decode_speedup") or v.get("reference") == r["bundle"] else f"{v['decode_speedup']:.2f}x",
                          "–" if not v.get("ttft_speedup") or v.get("reference") == r["bundle"] else f"{v['ttft_speedup']:.2f}x",
-                         "–" if not v.get("memory_ratio") or v.get("reference") == r["bundle"] else _x(v["memory_ratio"])])
+                         "–" if not v.get("memory_ratio") or v.get("reference") == r["bundle"] else _fmt(v["memory_ratio"])])
         s = bench["settings"]
         compared = any((r.get("vs_dense") or {}).get("reference") not in (None, r["bundle"]) for r in ok)
         out.append(("p", f"Median of {s['reps']} generation(s) after {s['warmup']} warm-up, each row in a fresh process"
@@ -156,13 +153,13 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
     if host:
         out.append(("h2", "Host"))
         out.append(("p", f"{host['cpu_model']}, {host['usable_cpus']} usable of {host['logical_cpus']} logical CPUs, "
-                         f"{_x(host['memory_total_mb'], 0)} MB memory; {host['os']} ({host['arch']}). "
+                         f"{_fmt(host['memory_total_mb'], 0)} MB memory; {host['os']} ({host['arch']}). "
                          + ", ".join(f"{k} {v}" for k, v in host["versions"].items()) + "."))
 
     # ------------------------------------------------------------- stages and config
     out.append(("h2", "Stages"))
     out.append(("table", ["stage", "step", "result", "seconds"],
-                [[s["stage"], s["name"], "reused" if s["skipped"] else "built", _x(s["seconds"], 1)]
+                [[s["stage"], s["name"], "reused" if s["skipped"] else "built", _fmt(s["seconds"], 1)]
                  for s in doc["stages"]]))
     out.append(("h2", "Configuration"))
     out.append(("p", f"From {doc['config_source']}; the same file is {folder.name}/config.toml. Rerun with "

@@ -61,6 +61,18 @@ def remove_stale_temporaries(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
+def sweep_temporaries(folder: Path) -> int:
+    """Remove what killed runs left in a run folder: temporary stage folders and files (``.NAME.tmp-*``,
+    ``.NAME.old-*``), also of stages the current configuration no longer has. Call it holding the lock."""
+    n = 0
+    for parent in [folder] + [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]:
+        for p in parent.iterdir():
+            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                n += 1
+    return n
+
+
 def run_stage(name: str, folder: str | Path, fp: str, build: Callable[[Path], dict | None], *,
               force: bool = False) -> StageResult:
     """Build ``folder`` with ``build(tmp_folder) -> info`` unless it already holds fingerprint ``fp``.
