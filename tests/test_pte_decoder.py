@@ -1,0 +1,173 @@
+"""The ExecuTorch path of the export decoder: the static (custom-op) cache mode and its XNNPACK lowering."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fasp_edge import load_model, prune
+from fasp_edge.export.decoder import VALUE_PAD_MODES, ExportDecoder, check_export_parity, run_decoder
+from fasp_edge.export.executorch import PteModel, export_pte, runner_metadata
+
+from .conftest import MODEL_BUILDERS, STORIES, random_windows, requires_shared
+
+MAX_CONTEXT = 64
+#: one XNNPACK partition per layer, plus the first layer's norm/QKV/RoPE (after the token lookup), the final
+#: norm (after the last-token slice) and, with a tied embedding, the LM head on its own
+EXTRA_PARTITIONS = 3
+#: the only operators a LLaMA-like .pte may run outside XNNPACK: the token lookup, the input_pos[0] read,
+#: the rope-table and last-token slices, the KV-cache write and the attention
+ALLOWED_OUTSIDE = {"aten_embedding_default", "aten_select_copy_int", "aten_slice_copy_tensor",
+                   "llama_update_cache", "llama_custom_sdpa_default"}
+
+
+def _pruned(build):
+    model = build()
+    prune(model, sparsity=0.3, calibration=random_windows(), progress=False)
+    return model
+
+
+def _pte_vs_model(model: nn.Module, pte: PteModel, prefill: int = 12, steps: int = 6) -> float:
+    """Max |Δlogits| of the .pte against the transformers model: a prefill, then teacher-forced single steps."""
+    seq = random_windows(1, prefill + steps, vocab=model.config.vocab_size, seed=5)
+    with torch.no_grad():
+        ref = model(seq).logits[0]
+    got = [pte.step(seq[:, :prefill], 0)] + [pte.step(seq[:, i:i + 1], i) for i in range(prefill, prefill + steps)]
+    return max((g - r).abs().max().item() for g, r in zip(got, ref[prefill - 1:]))
+
+
+def _export(model: nn.Module, path, **kw) -> tuple[ExportDecoder, dict]:
+    decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
+    info = export_pte(decoder, path, runner_metadata(decoder, 2, [2]), **kw)
+    return decoder, info
+
+
+# ---------------------------------------------------------------- the static decoder in eager mode
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "fasp"])
+def test_static_decoder_matches_source_model(any_model, pruned):
+    name, build = any_model
+    model = _pruned(build) if pruned else build()
+    prompt = random_windows(1, 24, seed=11)
+    pads = VALUE_PAD_MODES if pruned else VALUE_PAD_MODES[:1]
+    for pad in pads:
+        decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static", full_logits=True, value_pad=pad)
+        res = check_export_parity(model, decoder.eval(), prompt, 8)
+        assert res["max_abs_diff"] < 1e-4, (name, pad, res)
+
+
+def test_static_decoder_layout_and_reset():
+    model = _pruned(MODEL_BUILDERS["llama-gqa"])
+    decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
+    d = decoder.dims[0]
+    assert d.v_head_dim < d.head_dim  # the manifest still reports the pruned value head
+    assert decoder.k_cache_0.shape == decoder.v_cache_0.shape == (1, MAX_CONTEXT, d.num_kv_heads, d.head_dim)
+    assert decoder.blocks[0].attn.v_proj is model.model.layers[0].self_attn.v_proj  # the model's own modules
+    with torch.no_grad():
+        decoder(random_windows(1, 5), torch.tensor([0]))
+    assert decoder.v_cache_0.abs().sum() > 0
+    decoder.reset_cache()
+    assert all(getattr(decoder, f"{kv}_cache_{i}").abs().sum() == 0 for kv in "kv" for i in range(len(decoder.blocks)))
+
+
+def test_eager_custom_ops_equal_the_plain_path():
+    """The llama:: custom ops (run by the .pte) and the plain-PyTorch eager path compute the same thing."""
+    model = _pruned(MODEL_BUILDERS["qwen2-bias"])
+    seq = random_windows(1, 20, seed=2)
+    plain = run_decoder(ExportDecoder(model, max_context=MAX_CONTEXT, cache="static", full_logits=True).eval(), seq, 12)
+    decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static", full_logits=True).eval()
+    decoder.eager_custom_ops = True
+    ops = run_decoder(decoder, seq, 12)
+    assert max((a - b).abs().max().item() for a, b in zip(plain, ops)) < 1e-5
+
+
+def test_runner_metadata_says_custom_sdpa():
+    decoder = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=MAX_CONTEXT, cache="static")
+    meta = runner_metadata(decoder, 2, [2])
+    assert meta["use_sdpa_with_kv_cache"] is True and meta["use_kv_cache"] is True
+    assert meta["get_max_context_len"] == MAX_CONTEXT and meta["get_n_layers"] == 2
+
+
+# ---------------------------------------------------------------- lowering and the runtime
+@pytest.fixture(scope="module")
+def gqa_export(tmp_path_factory):
+    model = MODEL_BUILDERS["llama-gqa"]()  # tied embedding / LM head, 4 query heads over 2 KV heads
+    path = tmp_path_factory.mktemp("pte") / "gqa.pte"
+    decoder, info = _export(model, path)
+    return model, decoder, path, info
+
+
+def test_llama_pte_is_delegated_and_matches(gqa_export):
+    model, decoder, path, info = gqa_export
+    n = len(decoder.blocks)
+    assert info["delegate_partitions"] <= n + EXTRA_PARTITIONS, info
+    assert set(info["non_delegated_ops"]) <= ALLOWED_OUTSIDE, info["non_delegated_ops"]
+    assert info["non_delegated_ops"]["llama_custom_sdpa_default"] == n
+    assert info["non_delegated_ops"]["llama_update_cache"] == 2 * n
+    assert info["lowering_seconds"] > 0 and info["files"] == {"gqa.pte": path.stat().st_size}
+    pte = PteModel(path)
+    assert pte.metadata("get_max_context_len") == MAX_CONTEXT and bool(pte.metadata("use_sdpa_with_kv_cache"))
+    assert _pte_vs_model(model, pte) < 1e-4
+
+
+def test_pruned_llama_pte_matches(tmp_path):
+    model = _pruned(MODEL_BUILDERS["mistral"])
+    decoder, info = _export(model, tmp_path / "m.pte")
+    assert decoder.dims[0].v_head_dim < decoder.dims[0].head_dim
+    assert info["delegate_partitions"] <= len(decoder.blocks) + EXTRA_PARTITIONS, info
+    assert set(info["non_delegated_ops"]) <= ALLOWED_OUTSIDE, info["non_delegated_ops"]
+    assert _pte_vs_model(model, PteModel(tmp_path / "m.pte")) < 1e-4
+
+
+def test_pruned_opt_pte_matches(tmp_path):
+    """OPT (LayerNorm, learned positions) is not fully delegated, but it exports and matches."""
+    model = _pruned(MODEL_BUILDERS["opt-postln-proj"])
+    _export(model, tmp_path / "o.pte")
+    assert _pte_vs_model(model, PteModel(tmp_path / "o.pte")) < 1e-4
+
+
+@requires_shared(STORIES)
+def test_stories260k_pte_is_delegated_and_matches(tmp_path):
+    model = load_model(STORIES).model.eval()
+    decoder, info = _export(model, tmp_path / "s.pte")
+    n = len(decoder.blocks)
+    assert info["delegate_partitions"] <= min(2 * n, n + EXTRA_PARTITIONS), info
+    assert set(info["non_delegated_ops"]) <= ALLOWED_OUTSIDE, info["non_delegated_ops"]
+    assert _pte_vs_model(model, PteModel(tmp_path / "s.pte"), prefill=32, steps=16) < 1e-4
+
+
+def test_tied_weights_stored_once_in_ptd(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=2048, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=48, max_position_embeddings=128, head_dim=8,
+                      tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()  # the tied table is 256 KiB
+    table = model.lm_head.weight.numel() * 4
+    _, inline = _export(model, tmp_path / "inline.pte")
+    assert inline["files"]["inline.pte"] > 2 * table  # in the .pte: once as a constant, once in XNNPACK's data
+    _, info = _export(model, tmp_path / "ext.pte", data_file="ext.ptd")
+    assert info["files"]["ext.pte"] < 0.25 * table and table < info["files"]["ext.ptd"] < 1.3 * table, info["files"]
+    assert _pte_vs_model(model, PteModel(tmp_path / "ext.pte", data_path=tmp_path / "ext.ptd")) < 1e-4
+
+
+def test_quantized_embedding_exports_and_runs(tmp_path):
+    """A torchao int8 nn.Embedding becomes quantized_decomposed::embedding_byte (quant fusion pass)."""
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerAxis
+
+    model = MODEL_BUILDERS["llama-gqa"]()
+    decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
+    head = decoder.lm_head.weight.detach().clone()
+    quantize_(decoder, IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
+              filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    assert type(decoder.lm_head.weight.data) is torch.Tensor and torch.equal(decoder.lm_head.weight, head)
+    info = export_pte(decoder, tmp_path / "q.pte", runner_metadata(decoder, 2, [2]))
+    assert "quantized_decomposed::embedding_byte.out" in info["runtime_operators"]
+    assert "aten::embedding.out" not in info["runtime_operators"]
+    pte = PteModel(tmp_path / "q.pte")
+    seq = random_windows(1, 10, seed=4)
+    with torch.no_grad():
+        want = decoder(seq, torch.tensor([0]))[0]
+    assert (pte.step(seq, 0) - want).abs().max().item() < 1e-4
