@@ -3,11 +3,18 @@
 The program has one method, ``forward(tokens [1, T], input_pos [1]) -> logits [1, vocab]`` (the last
 position's logits), with the KV cache as internal mutable state, plus the constant metadata methods
 ExecuTorch's LLM runner (``TextLLMRunner``, wrapped by Android's ``LlmModule``) reads.
+
+Everything but the token lookup, the cache writes/attention (``llama::update_cache`` /
+``llama::custom_sdpa``) and a few slices runs inside XNNPACK delegates (about one per layer). A process
+that loads such a program must have the ``llama::`` custom-op kernels and the ``quantized_decomposed``
+kernels registered: :class:`PteModel` does it (:func:`load_runtime_ops`); call that before handing a
+``.pte`` to ``TextLLMRunner`` in a fresh process.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from pathlib import Path
 
@@ -18,48 +25,29 @@ from .decoder import ExportDecoder
 
 log = logging.getLogger(__name__)
 
-QUANT_MODES = ("none", "8da4w")
-GROUP_SIZE = 32
+QUANT_MODES = ("none", "8da4w")  # the recipe of 8da4w: quantize.py
 
 
 def runner_metadata(decoder: ExportDecoder, bos_id: int | None, eos_ids: list[int]) -> dict:
-    """The constant methods ExecuTorch's LLM runner reads (names from its ``constants.h``)."""
+    """The constant methods ExecuTorch's LLM runner reads (names from its ``constants.h``).
+
+    ``use_sdpa_with_kv_cache``: the static decoder attends with ``llama::custom_sdpa`` over caches written
+    by ``llama::update_cache`` (ExecuTorch's own "sdpa with kv cache" export); ``enable_dynamic_shape``: the
+    prompt length is a dynamic dimension (prefill in one call).
+    """
     meta = {
         "get_max_seq_len": decoder.max_context,
         "get_max_context_len": decoder.max_context,
         "get_vocab_size": decoder.vocab_size,
         "get_n_layers": len(decoder.blocks),
         "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": False,
+        "use_sdpa_with_kv_cache": decoder.cache == "static",
         "enable_dynamic_shape": True,
         "get_eos_ids": list(eos_ids),
     }
     if bos_id is not None:
         meta["get_bos_id"] = int(bos_id)
     return meta
-
-
-def quantize_8da4w(module: nn.Module) -> dict:
-    """8-bit dynamic activations, 4-bit weights in groups of 32 (torchao), in place.
-
-    A Linear whose input width is not a multiple of the group size takes 8-bit per-channel weights
-    instead. Returns the scheme chosen for each Linear (for the manifest).
-    """
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-
-    schemes: dict[str, str] = {}
-    for name, mod in module.named_modules():
-        if isinstance(mod, nn.Linear):
-            schemes[name] = "8da4w-g32" if mod.in_features % GROUP_SIZE == 0 else "8da8w-per-channel"
-    with torch.no_grad():
-        quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4,
-                                                                weight_granularity=PerGroup(GROUP_SIZE)),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and schemes.get(fqn) == "8da4w-g32")
-        quantize_(module, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8,
-                                                                weight_granularity=PerAxis(0)),
-                  filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and schemes.get(fqn) == "8da8w-per-channel")
-    return schemes
 
 
 class _Forward(nn.Module):
@@ -73,34 +61,139 @@ class _Forward(nn.Module):
         return self.decoder(tokens, input_pos)
 
 
-def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict) -> None:
-    """Lower a ``static``-cache decoder to an XNNPACK ``.pte`` at ``path``."""
+#: call_function nodes that :func:`delegation_summary` does not count as operators left outside the
+#: delegates: the delegates' output unpacking, symbolic-shape bookkeeping and the ``input_pos[0].item()``
+#: read (none of them runs a kernel on tensor data)
+BOOKKEEPING_OPS = ("getitem", "sym_size", "sym_numel", "sym_stride", "_assert_scalar", "_assert_async",
+                   "sym_constrain_range", "sym_constrain_range_for_size", "_local_scalar_dense",
+                   "executorch_call_delegate")
+
+
+def delegation_summary(graph_module) -> dict:
+    """Delegate partitions and the operators left outside them, from ExecuTorch's ``get_delegation_info``.
+
+    ``non_delegated_ops`` counts the edge operators outside every delegate (op types as delegation_info
+    names them, e.g. ``aten_embedding_default``; ``llama::update_cache``, wrapped in
+    ``auto_functionalized_v2`` until ``to_executorch``, as ``llama_update_cache``). Nodes that only unpack
+    delegate outputs or do symbolic-shape bookkeeping are counted apart, in ``excluded_bookkeeping``.
+    """
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    outside: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    for name, rec in info.delegation_by_operator.items():
+        if not rec.non_delegated or name == "auto_functionalized_v2":
+            continue
+        (skipped if _is_bookkeeping(name) else outside)[name] = rec.non_delegated
+    # in-place custom ops (llama::update_cache) show up wrapped as auto_functionalized_v2; name what they wrap
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and "auto_functionalized" in str(node.target) and node.args:
+            name = str(getattr(node.args[0], "_name", node.args[0])).replace("::", "_").replace(".", "_")
+            outside[name] = outside.get(name, 0) + 1
+    return {"delegate_partitions": info.num_delegated_subgraphs,
+            "delegated_nodes": info.num_delegated_nodes,
+            "non_delegated_ops": dict(sorted(outside.items())),
+            "non_delegated_op_count": sum(outside.values()),
+            "excluded_bookkeeping": dict(sorted(skipped.items()))}
+
+
+def _is_bookkeeping(op_type: str) -> bool:
+    base = op_type.removeprefix("aten_").removeprefix("torch_ops_aten_")
+    return any(base == b or base.startswith(b + "_") for b in BOOKKEEPING_OPS) or base in _SYMBOLIC_OPERATORS
+
+
+#: python operators on SymInts (``start + t <= max_context`` checks) appear as plain call_function nodes
+_SYMBOLIC_OPERATORS = {"add", "sub", "mul", "floordiv", "mod", "neg", "eq", "ne", "lt", "le", "gt", "ge",
+                       "and_", "or_", "not_", "truediv", "pow", "sym_max", "sym_min", "sym_not", "sym_float",
+                       "sym_int", "sym_ite"}
+
+
+def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict, *, data_file: str | None = None) -> dict:
+    """Lower a ``static``-cache decoder to an XNNPACK ``.pte`` at ``path``; returns what the lowering did.
+
+    ``data_file`` (a file name, e.g. ``"model.ptd"``) moves every constant, the XNNPACK weights included,
+    into that one file beside the ``.pte``; identical tensors (a tied embedding and LM head in fp32) are
+    stored once. Load it with ``PteModel(path, data_path=...)`` or ``TextLLMRunner(pte, tokenizer, ptd)``.
+
+    The returned dict has ``delegate_partitions``, ``delegated_nodes``, ``non_delegated_ops`` (edge operator
+    -> count outside the delegates, without the bookkeeping nodes in :data:`BOOKKEEPING_OPS`),
+    ``runtime_operators`` (the non-delegate kernels the final program calls), ``lowering_seconds`` (export,
+    lowering and serialisation) and ``files`` (name -> bytes).
+    """
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+    from .decoder import load_custom_ops
+
     if decoder.cache != "static":
         raise ValueError("ExecuTorch export needs a decoder with cache='static'")
+    if data_file is not None and (Path(data_file).name != data_file or not data_file.endswith(".ptd")):
+        raise ValueError(f"data_file must be a plain file name ending in .ptd, got {data_file!r}")
+    load_custom_ops()
+    _load_quantized_kernels()
+    path = Path(path)
+    tag = Path(data_file).stem if data_file else None
+    t0 = time.perf_counter()
     # tracing and lowering warn about internals (SymInt nodes, pytree deprecations) a user cannot act on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         decoder.reset_cache()
         example = (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0], dtype=torch.long))
         seq = torch.export.Dim("seq", min=1, max=decoder.max_context - 1)
+        shapes = ({1: seq}, None)
         with torch.no_grad():
-            ep = torch.export.export(_Forward(decoder), example, dynamic_shapes=({1: seq}, {0: 1}), strict=False)
-            ep = ep.run_decompositions({})
+            ep = torch.export.export(_Forward(decoder), example, dynamic_shapes=shapes, strict=False)
+            if tag is not None:
+                # XNNPACK weights are tagged on the unlifted module, then it is traced again
+                from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
+
+                module = ep.module()
+                delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda node: tag)
+                ep = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
         edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                            constant_methods=metadata)
+        summary = delegation_summary(edge.exported_program().graph_module)
         program = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+            # a torchao-quantized nn.Embedding becomes quantized_decomposed::embedding_byte/4bit
+            do_quant_fusion_and_const_prop=True,
+            external_constants=(lambda node: tag) if tag is not None else False,
         ))
     with open(path, "wb") as f:
         program.write_to_file(f)
+    files = {path.name: path.stat().st_size}
+    if tag is not None:
+        program.write_tensor_data_to_file(str(path.parent))
+        written = path.parent / f"{tag}.ptd"
+        if not written.is_file():
+            raise RuntimeError(f"ExecuTorch wrote no {written.name}; constants: {sorted(program._tensor_data)}")
+        files[written.name] = written.stat().st_size
+    forward = next(plan for plan in program.executorch_program.execution_plan if plan.name == "forward")
+    # the kernels the runtime must provide besides the delegate (after quant fusion and out-variant passes)
+    summary["runtime_operators"] = sorted({f"{op.name}.{op.overload}" if op.overload else op.name
+                                           for op in forward.operators})
+    summary["lowering_seconds"] = round(time.perf_counter() - t0, 2)
+    summary["files"] = files
+    return summary
+
+
+def _load_quantized_kernels() -> None:
+    """Register the ``quantized_decomposed::*`` runtime kernels (quantized embeddings; a no-op for fp32)."""
+    import executorch.kernels.quantized  # noqa: F401
+
+
+def load_runtime_ops() -> None:
+    """Everything a ``.pte`` of this package may call besides the portable and XNNPACK kernels."""
+    from .decoder import load_custom_ops
+
+    load_custom_ops()
+    _load_quantized_kernels()
 
 
 def set_threadpool_size(threads: int) -> None:
@@ -119,18 +212,32 @@ def threadpool_size() -> int:
 
 
 class PteModel:
-    """A loaded ``.pte`` through ``executorch.runtime``: ``step(tokens, start) -> logits [vocab]``."""
+    """A loaded ``.pte``: ``step(tokens, start) -> logits [vocab]``.
 
-    def __init__(self, path: str | Path):
-        from executorch.runtime import Runtime, Verification
+    Without ``data_path`` it loads through ``executorch.runtime``; a program whose constants live in a
+    ``.ptd`` needs ``data_path`` and loads through the pybindings (``executorch.runtime`` takes no data file).
+    """
 
-        runtime = Runtime.get()
-        self.program = runtime.load_program(str(path), verification=Verification.Minimal)
-        self.method = self.program.load_method("forward")
+    def __init__(self, path: str | Path, data_path: str | Path | None = None):
+        load_runtime_ops()
+        self.data_path = None if data_path is None else str(data_path)
+        if self.data_path is None:
+            from executorch.runtime import Runtime, Verification
+
+            runtime = Runtime.get()
+            self.program = runtime.load_program(str(path), verification=Verification.Minimal)  # kept alive
+            forward = self.program.load_method("forward")
+            self._run = lambda name, inputs: (forward if name == "forward" else self.program.load_method(name)) \
+                .execute(inputs)
+        else:
+            from executorch.extension.pybindings import portable_lib
+
+            self.module = portable_lib._load_for_executorch(str(path), self.data_path)
+            self._run = lambda name, inputs: self.module.run_method(name, tuple(inputs))
 
     def metadata(self, name: str):
-        return self.program.load_method(name).execute([])[0]
+        return self._run(name, [])[0]
 
     def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        out = self.method.execute([tokens.to(torch.long).reshape(1, -1), torch.tensor([start], dtype=torch.long)])
+        out = self._run("forward", [tokens.to(torch.long).reshape(1, -1), torch.tensor([start], dtype=torch.long)])
         return out[0].reshape(-1)

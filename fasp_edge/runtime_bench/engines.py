@@ -63,14 +63,14 @@ class PteEngine:
 
     name = "pte"
 
-    def __init__(self, path: Path, max_context: int, threads: int | None = None):
+    def __init__(self, path: Path, max_context: int, threads: int | None = None, data_path: Path | None = None):
         try:
             from ..export.executorch import PteModel, set_threadpool_size
         except ImportError as e:
             raise BackendUnavailable(f"ExecuTorch is not installed ({e}); pip install executorch") from None
         if threads:
             set_threadpool_size(threads)
-        self.model = PteModel(path)
+        self.model = PteModel(path, data_path=data_path)
         self.max_context = max_context
 
     def reset(self) -> None:  # positions restart at 0; the causal mask hides stale cache entries
@@ -123,8 +123,14 @@ def open_engine(backend: str, *, bundle=None, model: torch.nn.Module | None = No
                               f"re-export with --formats {backend}")
     path = bundle.file(bundle.manifest["artifacts"][backend]["file"])
     if backend == "pte":
-        return PteEngine(path, bundle.max_context, threads=threads)
+        return PteEngine(path, bundle.max_context, threads=threads, data_path=pte_data_path(bundle.path, bundle.manifest))
     return OnnxEngine(path, bundle.max_context, threads=threads)
+
+
+def pte_data_path(folder: Path, manifest: dict) -> Path | None:
+    """The ``.ptd`` holding a bundle's ``.pte`` constants, if it has one (fp32 bundles: the tied table once)."""
+    name = manifest["artifacts"]["pte"].get("data_file")
+    return None if name is None else Path(folder) / name
 
 
 @dataclass

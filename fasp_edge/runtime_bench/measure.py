@@ -212,7 +212,7 @@ def check_same_model(loaded, manifest: dict) -> None:
 
 def _open(spec: dict, manifest: dict, threads: int):
     """Open the engine for ``spec``; returns (engine, artifact bytes, the loaded PyTorch model or None)."""
-    from .engines import OnnxEngine, PteEngine, TorchEngine
+    from .engines import OnnxEngine, PteEngine, TorchEngine, pte_data_path
 
     bundle_dir, backend = Path(spec["bundle"]), spec["backend"]
     max_context = int(manifest["max_context"])
@@ -227,7 +227,7 @@ def _open(spec: dict, manifest: dict, threads: int):
     size = sum(manifest["files"][f]["bytes"] for f in files if f in manifest["files"])
     path = bundle_dir / art["file"]
     if backend == "pte":
-        return PteEngine(path, max_context, threads=threads), size, None
+        return PteEngine(path, max_context, threads=threads, data_path=pte_data_path(bundle_dir, manifest)), size, None
     return OnnxEngine(path, max_context, threads=threads), size, None
 
 
