@@ -78,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="none", help="none (fp32, default), 8da4w (pte: 4-bit weights, groups of 32) "
                    "or int8 (onnx: dynamic int8 weights)")
     p.add_argument("--max-context", type=_positive_int, default=512, help="KV-cache length in tokens (default 512)")
+    p.add_argument("--qparams", default=None, help="8da4w weight grid: asymmetric (default: min/max groups, exact on "
+                   "GGUF Q4 weights), hqq_scale_only or affine (torchao's symmetric ones)")
+    p.add_argument("--lm-head", default=None, help="8da4w LM head weights: 8bit (default) or 4bit")
+    p.add_argument("--embedding-quant", default=None, help="8da4w token embedding: 4bit (default), 8bit or none")
+    p.add_argument("--quality-text", default=None, help="text file the artifacts' quality is measured on (e.g. "
+                   "WikiText-2 test); default: text the model writes itself")
+    p.add_argument("--quality-windows", type=int, default=4, help="windows of 512 tokens fed through each artifact "
+                   "to measure its quality against the PyTorch model (default 4; 0 skips)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
@@ -212,22 +220,39 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from .export.bundle import check_export_arguments, describe, export_bundle
+    from .export.quantize import DEFAULT_RECIPE
     from .fsutil import check_output_dir
     from .models.loading import load_model
+    from .pipeline.calibration import read_text_file
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     check_export_arguments(formats, args.quant)
+    given = {k: v for k, v in (("qparams", args.qparams), ("lm_head", args.lm_head),
+                               ("embedding", args.embedding_quant)) if v is not None}
+    if given and args.quant != "8da4w":
+        raise InvalidArgument("--qparams, --lm-head and --embedding-quant apply to --quant 8da4w only")
+    recipe = dataclasses.replace(DEFAULT_RECIPE, **given)
+    recipe.check()
+    if args.quality_windows < 0:
+        raise InvalidArgument(f"--quality-windows must be >= 0, got {args.quality_windows}")
+    text = read_text_file(args.quality_text) if args.quality_text else None
     check_output_dir(args.output, args.overwrite)
     loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     bundle = export_bundle(loaded, args.output, formats=formats, quant=args.quant, max_context=args.max_context,
-                           overwrite=args.overwrite, progress=not args.quiet)
+                           overwrite=args.overwrite, recipe=recipe, quality_text=text,
+                           quality_windows_count=args.quality_windows, progress=not args.quiet)
     info = describe(bundle)
-    par = bundle.manifest["parity"]
+    par, qual = bundle.manifest["parity"], bundle.manifest.get("quality", {})
     parity = ", ".join(f"{k} max|Δ| {par[k]['max_abs_diff']:.1e}" for k in bundle.formats)
+    quality = "".join(f"; {k} perplexity {q['perplexity_ratio']:.3f}x the PyTorch model's, top-1 agreement "
+                      f"{q['top1_agreement']:.3f} ({q['windows']} x {q['seqlen']} tokens of {q['text']} text)"
+                      for k, q in qual.items())
     print(f"exported {loaded.source} -> {args.output} ({', '.join(info['formats'])}, {args.quant}, "
-          f"{info['bytes'] / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; parity: {parity}")
+          f"{info['bytes'] / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s; parity: {parity}{quality}")
     return 0
 
 

@@ -31,7 +31,9 @@ def runner_generate(bundle: Path, prompt: str, max_new_tokens: int = 24) -> dict
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     tok = manifest["tokenizer"]
-    runner = TextLLMRunner(str(bundle / manifest["artifacts"]["pte"]["file"]), str(bundle / tok["runner_tokenizer"]))
+    pte = manifest["artifacts"]["pte"]
+    runner = TextLLMRunner(str(bundle / pte["file"]), str(bundle / tok["runner_tokenizer"]),
+                           str(bundle / pte["data_file"]) if pte.get("data_file") else None)
     pieces: list[str] = []
     stats: list = []
     cfg = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0, echo=False,

@@ -65,7 +65,8 @@ def test_bundle_manifest_and_parity(stories_bundles, which):
     bundle = load_bundle(path)
     m = bundle.manifest
     assert bundle.formats == ["pte", "onnx"]
-    assert {"model.pte", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer.model"} <= set(m["files"])
+    assert {"model.pte", "model.ptd", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer.model"} <= set(m["files"])
+    assert m["artifacts"]["pte"]["data_file"] == "model.ptd"  # fp32 constants, the tied table stored once
     for name, rec in m["files"].items():
         assert (path / name).stat().st_size == rec["bytes"] and len(rec["sha256"]) == 64
     assert m["tokenizer"]["runner_tokenizer"] == "tokenizer.model"  # Metaspace tokenizer.json: runner needs SPM
@@ -77,6 +78,10 @@ def test_bundle_manifest_and_parity(stories_bundles, which):
         par = m["parity"][fmt]
         assert par["prefill_tokens"] == 64 and par["decode_steps"] == 32
         assert par["max_abs_diff"] < 1e-4 and par["greedy_tokens_equal"]
+    for fmt in ("pte", "onnx"):  # fp32 artifacts measured through their runtime: the PyTorch model's quality
+        q = m["quality"][fmt]
+        assert q["windows"] == 4 and q["seqlen"] == 128 and q["positions"] == 4 * 127 and q["text"] == "self-generated"
+        assert abs(q["perplexity_ratio"] - 1) < 1e-3 and q["top1_agreement"] > 0.99, (fmt, q)
     meta = m["artifacts"]["pte"]["metadata"]
     for key in ("get_max_seq_len", "get_max_context_len", "use_kv_cache", "enable_dynamic_shape", "get_bos_id",
                 "get_eos_ids", "get_vocab_size"):
@@ -89,7 +94,7 @@ def test_runtime_loads_pte_with_metadata(stories_bundles, which):
     from fasp_edge.export.executorch import PteModel
 
     path, _ = stories_bundles[which]
-    pte = PteModel(path / "model.pte")
+    pte = PteModel(path / "model.pte", data_path=path / "model.ptd")
     assert pte.metadata("get_max_context_len") == 128
     assert pte.metadata("get_vocab_size") == 512
     assert pte.metadata("get_bos_id") == 1
@@ -108,7 +113,9 @@ def test_text_llm_runner_greedy_equals_pytorch(stories_bundles, which):
     ids = tok(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
         ref = loaded.model.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:]
-    runner = TextLLMRunner(str(path / "model.pte"), str(path / m["tokenizer"]["runner_tokenizer"]))
+    pte = m["artifacts"]["pte"]
+    runner = TextLLMRunner(str(path / pte["file"]), str(path / m["tokenizer"]["runner_tokenizer"]),
+                           str(path / pte["data_file"]))
     pieces, stats = [], []
     runner.generate(prompt, GenerationConfig(max_new_tokens=32, temperature=0.0, echo=False,
                                              num_bos=int(m["tokenizer"]["add_bos"])),
@@ -136,11 +143,18 @@ def test_engines_reproduce_greedy_generation(stories_bundles, backend):
 
 def test_load_bundle_rejects_damage(stories_bundles, tmp_path):
     src, _ = stories_bundles["dense"]
-    for damage, needle in (("missing", "missing"), ("hash", "sha256"), ("newer", "newer"), ("nomanifest", "manifest")):
+    for damage, needle in (("missing", "missing"), ("hash", "sha256"), ("newer", "newer"), ("nomanifest", "manifest"),
+                           ("noptd", "model.ptd is missing"), ("badptd", "model.ptd does not match its sha256")):
         b = tmp_path / damage
         shutil.copytree(src, b)
         if damage == "missing":
             (b / "tokenizer.model").unlink()
+        elif damage == "noptd":
+            (b / "model.ptd").unlink()
+        elif damage == "badptd":
+            data = bytearray((b / "model.ptd").read_bytes())
+            data[len(data) // 2] ^= 0xFF
+            (b / "model.ptd").write_bytes(bytes(data))
         elif damage == "hash":
             data = bytearray((b / "model.pte").read_bytes())
             data[-10] ^= 0xFF
@@ -181,6 +195,25 @@ def test_pte_8da4w_falls_back_to_8bit_where_groups_do_not_fit(tmp_path):
     # 4-bit weights move a random model's near-uniform logits a lot; what must hold is that it ran and was
     # measured (the SmolLM2 figures are in benchmarks/export.py)
     assert 0 < par["max_abs_diff"] < float("inf") and 0 <= par["greedy_token_agreement"] <= 1
+
+
+@needs_stories
+def test_pte_8da4w_keeps_stories260k_quality(tmp_path):
+    """The 4-bit recipe measured through the .pte on held-out text: close to the fp32 model it was made from."""
+    loaded = load_model(STORIES)
+    text = TINYSTORIES.read_text()
+    b = export_bundle(loaded, tmp_path / "q4", formats=["pte"], quant="8da4w", max_context=128, progress=False,
+                      quality_text=text)
+    m = b.manifest
+    q = m["quality"]["pte"]
+    assert q["text"] == "given" and q["windows"] == 4 and q["seqlen"] == 128
+    # measured 1.08x on its own text with this recipe (torchao's symmetric default: see benchmarks/quant_quality.py)
+    assert q["perplexity_ratio"] < 1.15 and q["top1_agreement"] > 0.8, q
+    quant = m["artifacts"]["pte"]["quantization"]
+    assert quant["recipe"]["qparams"] == "asymmetric" and quant["embedding"].startswith("int4")
+    assert m["export_settings"]["recipe"]["lm_head"] == "8bit"
+    lowering = m["artifacts"]["pte"]["lowering"]
+    assert lowering["delegate_partitions"] <= 2 * m["model"]["num_layers"]
 
 
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):

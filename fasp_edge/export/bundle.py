@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import platform
 import shutil
 import time
@@ -30,6 +31,7 @@ from ..models import family_for
 from ..models.base import count_parameters
 from ..models.loading import LoadedModel, save_tokenizer, sentencepiece_file
 from .decoder import ExportDecoder, check_export_parity
+from .quantize import DEFAULT_RECIPE, Recipe, quantize_decoder
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ FORMATS = ("pte", "onnx")
 QUANTS = {"none": ("pte", "onnx"), "8da4w": ("pte",), "int8": ("onnx",)}
 PARITY_TOLERANCE = 1e-4  # fp32 max |Δlogits| allowed between an artifact and the PyTorch model ...
 PARITY_RELATIVE = 5e-6  # ... or this fraction of the largest |logit|, where logits are large (float32 rounding)
+PTE_DATA_FILE = "model.ptd"  # the fp32 .pte's constants (ExecuTorch named data), deduplicated
+QUALITY_WINDOWS = 4  # teacher-forced windows through each artifact's runtime ...
+QUALITY_SEQLEN = 512  # ... of this many tokens (or the context length, if shorter)
+QUALITY_SEED = 1234  # seed of self-written quality text (not the calibration seeds 0, or agreement's)
 
 
 class BundleError(FaspError):
@@ -163,13 +169,91 @@ def _artifact_parity(model, step_fn, prompt: torch.Tensor, steps: int) -> dict:
             "greedy_token_agreement": same / len(ref), "greedy_tokens_equal": same == len(ref)}
 
 
+def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: int = QUALITY_WINDOWS,
+                    seqlen: int = QUALITY_SEQLEN, progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """The token windows an artifact's quality is measured on, and where they come from.
+
+    The first ``windows`` windows of ``text`` (the perplexity protocol: tokenized without special tokens,
+    non-overlapping), or, without text, ``windows`` sequences the model writes itself from BOS (seeded).
+    """
+    from ..pipeline.calibration import self_generated_windows, tokenize_text
+
+    if text is not None:
+        ids = tokenize_text(loaded.tokenizer, text)
+        n = min(windows, ids.numel() // seqlen)
+        if n < 1:
+            raise InvalidArgument(f"the quality text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                                  "give a longer --quality-text file")
+        return ids[: n * seqlen].reshape(n, seqlen), {"text": "given", "windows": n, "seqlen": seqlen}
+    cal = self_generated_windows(loaded.model, loaded.tokenizer, nsamples=windows, seqlen=seqlen, seed=QUALITY_SEED,
+                                 batch_size=windows, progress=progress)
+    return cal.windows, {"text": "self-generated", "seed": QUALITY_SEED, "windows": windows, "seqlen": seqlen}
+
+
+def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = True) -> dict:
+    """Teacher-forced quality of an artifact against the PyTorch model it was made from.
+
+    Every window is fed through the artifact's own runtime one token per call (``step_fn(tokens, start)``,
+    positions restarting at 0 per window), exactly as a generating app drives it; the PyTorch model scores
+    the same windows. Returns the top-1 agreement of next-token predictions, the perplexity of both on
+    the window text and their ratio (``exp`` of the mean NLL difference), and the mean KL(model || artifact).
+    """
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    n, length = windows.shape
+    same = 0
+    nll_ref = nll_art = kl = 0.0
+    t0 = time.perf_counter()
+    bar = tqdm(total=n * length, desc="artifact quality", unit="tok", disable=not progress, leave=False)
+    with torch.no_grad():
+        for row in windows:
+            ref = torch.log_softmax(model(row.unsqueeze(0), use_cache=False).logits[0, :-1].float(), dim=-1)
+            got = []
+            for i in range(length - 1):
+                got.append(step_fn(row[i : i + 1].view(1, 1), i).float())
+                bar.update(1)
+            bar.update(1)
+            art = torch.log_softmax(torch.stack(got), dim=-1)
+            target = row[1:]
+            same += int((ref.argmax(-1) == art.argmax(-1)).sum())
+            nll_ref -= float(ref.gather(1, target[:, None]).sum())
+            nll_art -= float(art.gather(1, target[:, None]).sum())
+            kl += float((ref.exp() * (ref - art)).sum())
+    bar.close()
+    positions = n * (length - 1)
+    return {"windows": n, "seqlen": length, "positions": positions, "top1_agreement": same / positions,
+            "perplexity_ratio": math.exp((nll_art - nll_ref) / positions),
+            "perplexity": math.exp(nll_art / positions), "reference_perplexity": math.exp(nll_ref / positions),
+            "mean_kl": kl / positions, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _restarting(runtime):
+    """``runtime.step`` that starts a new sequence at position 0 (ONNX holds its past; the .pte overwrites)."""
+    def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
+        if start == 0 and hasattr(runtime, "reset"):
+            runtime.reset()
+        return runtime.step(tokens, start)
+
+    return step
+
+
 def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | tuple[str, ...] = FORMATS,
                   quant: str = "none", max_context: int = 512, overwrite: bool = False,
-                  parity_prefill: int = 64, parity_steps: int = 32, progress: bool = True) -> Bundle:
-    """Export ``loaded`` (dense or pruned) into a verified bundle at ``out``."""
+                  parity_prefill: int = 64, parity_steps: int = 32, recipe: Recipe | None = None,
+                  quality_text: str | None = None, quality_windows_count: int = QUALITY_WINDOWS,
+                  progress: bool = True) -> Bundle:
+    """Export ``loaded`` (dense or pruned) into a verified bundle at ``out``.
+
+    ``recipe`` says how ``quant="8da4w"`` quantizes (default :data:`~.quantize.DEFAULT_RECIPE`). Every
+    artifact's quality is measured through its own runtime on ``quality_windows_count`` windows of
+    ``quality_text`` (or of text the model writes itself) and recorded in the manifest; 0 skips it.
+    """
     from tqdm.auto import tqdm
 
     check_export_arguments(list(formats), quant)
+    recipe = recipe or DEFAULT_RECIPE
+    recipe.check()
     formats = [f for f in FORMATS if f in set(formats)]
     check_output_dir(out, overwrite)
     if max_context < parity_prefill + parity_steps + 1:
@@ -180,6 +264,13 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     prompt = parity_prompt(model.config.vocab_size, parity_prefill)
     settings = {"max_context": max_context, "quant": quant, "formats": list(formats), "dtype": "float32",
                 "parity_prefill": parity_prefill, "parity_steps": parity_steps}
+    if quant == "8da4w":
+        settings["recipe"] = dataclasses.asdict(recipe)
+    quality_set, quality_source = None, None
+    if quality_windows_count > 0:
+        quality_set, quality_source = quality_windows(loaded, text=quality_text, windows=quality_windows_count,
+                                                      seqlen=min(QUALITY_SEQLEN, max_context), progress=progress)
+        settings["quality"] = quality_source
     artifacts: dict[str, dict] = {}
     steps = tqdm(total=len(formats) + 1, desc="export", disable=not progress)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -194,10 +285,14 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
         for fmt in formats:
             t0 = time.perf_counter()
             if fmt == "pte":
-                info = _export_pte_artifact(model, tmp, max_context, quant, prompt, parity_steps, loaded.tokenizer)
+                info, runtime = _export_pte_artifact(model, tmp, max_context, quant, prompt, parity_steps,
+                                                     loaded.tokenizer, recipe)
             else:
-                info = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps)
+                info, runtime = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps)
             info["export_seconds"] = round(time.perf_counter() - t0, 2)
+            if quality_set is not None:
+                info["quality"] = {**quality_source, **artifact_quality(model, _restarting(runtime), quality_set,
+                                                                        progress=progress)}
             artifacts[fmt] = info
             steps.update(1)
         tok = _tokenizer_facts(loaded.tokenizer, tmp, sentencepiece_file(loaded), eos_ids_of(model, loaded.tokenizer))
@@ -228,6 +323,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
             "artifacts": artifacts,
             "parity": {"decoder_vs_transformers": decoder_parity,
                        **{fmt: a["parity"] for fmt, a in artifacts.items()}},
+            "quality": {fmt: a["quality"] for fmt, a in artifacts.items() if "quality" in a},
             "files": files,
             "versions": _versions(),
         }
@@ -244,26 +340,29 @@ def _verify(kind: str, parity: dict, quant: str) -> None:
         raise ExportVerificationError(f"the {kind} artifact produces non-finite logits; nothing was written")
 
 
-def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int, tokenizer) -> dict:
-    from .executorch import PteModel, export_pte, quantize_8da4w, runner_metadata
+def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int, tokenizer,
+                         recipe: Recipe):
+    from .executorch import PteModel, export_pte, runner_metadata
 
     src = copy.deepcopy(model) if quant != "none" else model
     decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
-    schemes = quantize_8da4w(decoder) if quant == "8da4w" else {}
+    quantization = quantize_decoder(decoder, recipe) if quant == "8da4w" else None
     meta = runner_metadata(decoder, tokenizer.bos_token_id, eos_ids_of(model, tokenizer))
-    export_pte(decoder, tmp / "model.pte", meta)
-    pte = PteModel(tmp / "model.pte")
+    # fp32: every constant in model.ptd, so the tied embedding / LM head table is stored once (the embedding
+    # kernel and the XNNPACK LM head read the same bytes); 4-bit: the two are quantized apart, all in the .pte
+    data_file = PTE_DATA_FILE if quant == "none" else None
+    lowering = export_pte(decoder, tmp / "model.pte", meta, data_file=data_file)
+    pte = PteModel(tmp / "model.pte", data_path=tmp / data_file if data_file else None)
     parity = _artifact_parity(model, pte.step, prompt, steps)
     _verify("ExecuTorch", parity, quant)
     info = {"file": "model.pte", "backend": "xnnpack", "method": "forward(tokens[1,T], input_pos[1]) -> logits[1,V]",
-            "metadata": meta, "parity": parity}
-    if schemes:
-        counts: dict[str, int] = {}
-        for s in schemes.values():
-            counts[s] = counts.get(s, 0) + 1
-        info["quantization"] = {"scheme": "8da4w", "group_size": 32, "linear_counts": counts,
-                                "fallback_8bit": sorted(k for k, v in schemes.items() if v != "8da4w-g32")}
-    return info
+            "metadata": meta, "parity": parity, "lowering": lowering}
+    if data_file:
+        info["data_file"] = data_file
+        info["external_data"] = [data_file]
+    if quantization is not None:
+        info["quantization"] = quantization
+    return info, pte
 
 
 def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int) -> dict:
@@ -284,7 +383,7 @@ def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt
     inputs, outputs = io_names(len(decoder.blocks))
     data = [p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx"]
     return {"file": "model.onnx", "external_data": sorted(data), "inputs": inputs, "outputs": outputs,
-            "opset": _onnx_opset(tmp / "model.onnx"), "parity": parity}
+            "opset": _onnx_opset(tmp / "model.onnx"), "parity": parity}, onnx_model
 
 
 def _onnx_opset(path: Path) -> int | None:
