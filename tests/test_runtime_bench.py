@@ -294,3 +294,35 @@ def test_torch_backend_refuses_a_different_model(stories_bundles, tmp_path):
     target = load_targets([str(stories_bundles["fasp"][0])])[0]
     res = run_measurement(target, "torch", TINY, reps=1, warmup=0, torch_model=str(STORIES))
     assert res["status"] == "skipped" and "not the one this bundle was exported from" in res["reason"]
+
+
+def test_quantized_rows_are_compared_like_with_like():
+    """A pruned 4-bit bundle is compared with the dense 4-bit one; the ratio to dense fp32 is kept apart."""
+    from pathlib import Path
+
+    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime_bench.harness import Target, add_comparisons
+
+    def target(label, pruned, quant):
+        return Target(label, Bundle(Path(label), {"model": {"fasp": {"sparsity": 0.3} if pruned else None},
+                                                  "quantization": quant}))
+
+    targets = [target("dense", False, "none"), target("dense-q4", False, "8da4w"), target("fasp", True, "none"),
+               target("fasp-q4", True, "8da4w")]
+    speed = {"dense": 20.0, "dense-q4": 60.0, "fasp": 25.0, "fasp-q4": 75.0}
+
+    def row(label):
+        med = lambda v: {"median": v}  # noqa: E731
+        return {"bundle": label, "backend": "pte", "profile": "hub", "status": "ok", "artifact_bytes": 100,
+                "metrics": {"decode_tokens_per_s": med(speed[label]), "prefill_tokens_per_s": med(1.0),
+                            "ttft_s": med(1.0), "load_s": med(1.0)},
+                "memory": {"model_rss_mb": 10.0, "peak_rss_mb": 20.0}}
+
+    rows = [row(t.label) for t in targets]
+    add_comparisons(rows, targets)
+    by = {r["bundle"]: r for r in rows}
+    assert by["fasp-q4"]["vs_dense"]["reference"] == "dense-q4"
+    assert by["fasp-q4"]["vs_dense"]["decode_speedup"] == pytest.approx(1.25)
+    assert by["fasp-q4"]["vs_dense_fp32"]["reference"] == "dense"  # across precisions, apart
+    assert by["fasp"]["vs_dense"]["reference"] == "dense" and "vs_dense_fp32" not in by["fasp"]
+    assert by["dense-q4"]["vs_dense"] is None and by["dense-q4"]["vs_dense_fp32"]["decode_speedup"] == 3.0

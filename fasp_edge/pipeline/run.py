@@ -409,8 +409,11 @@ class _ExportJob:
 def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
     cfg = state.cfg
     x = cfg["export"]
+    # each artifact's quality is measured through its runtime on the evaluation text (or on self-written text)
+    quality_file = cfg.path(cfg["evaluate"]["text_file"])
+    quality = {"quality_text": _file_fp(quality_file)}
     jobs = [_ExportJob(f"{m.label}-{a}", m, a, cfg.folder / "bundles" / f"{m.label}-{a}",
-                       fingerprint({"artifact": a, "max_context": x["max_context"]}, [m.fingerprint]))
+                       fingerprint({"artifact": a, "max_context": x["max_context"], **quality}, [m.fingerprint]))
             for m in models for a in (x["dense_artifacts"] if m.path is None else x["artifacts"])]
     if not jobs:
         return []
@@ -438,6 +441,8 @@ def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
             work = tmp / "bundle"
             cmd = [sys.executable, "-m", "fasp_edge.cli", "-q", "export", *src, "--formats", fmt, "--quant", quant,
                    "--max-context", str(x["max_context"]), "-o", str(work)]
+            if quality_file:
+                cmd += ["--quality-text", str(quality_file)]
             log_file = tmp / "export.log"
             rc = children.run(cmd, _child_env(threads), log_file)
             if rc != 0:
@@ -452,6 +457,7 @@ def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
                     "model_bytes": sum(rec["bytes"] for n, rec in manifest["files"].items() if n.startswith("model.")),
                     "parity_max_abs_diff": manifest["parity"][fmt]["max_abs_diff"],
                     "greedy_token_agreement": manifest["parity"][fmt]["greedy_token_agreement"],
+                    "quality": manifest.get("quality", {}).get(fmt),
                     "export_seconds": manifest["artifacts"][fmt]["export_seconds"]}
 
         return run_stage(job.label, job.folder, job.fp, build, force="export" in state.force)

@@ -94,12 +94,21 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
         rows = []
         for b in doc["bundles"]:
             ref = dense_size.get(b["artifact"])
+            q = b.get("quality") or {}
             rows.append([b["label"], b["artifact"], _mb(b["model_bytes"]), _mb(b["bytes"]),
                          "–" if not ref or b["model"] == "dense" else _fmt(b["model_bytes"] / ref),
                          f"{b['parity_max_abs_diff']:.1e}", _fmt(b["greedy_token_agreement"]),
+                         _fmt(q.get("perplexity_ratio"), 3) + ("x" if q else ""), _fmt(q.get("top1_agreement"), 3),
                          _fmt(b.get("export_seconds"), 0)])
         out.append(("table", ["bundle", "artifact", "model file(s) MB", "bundle MB", "size vs dense", "parity max |Δlogit|",
-                              "greedy agreement", "export s"], rows))
+                              "greedy agreement", "perplexity vs its PyTorch model", "top-1 agreement", "export s"],
+                    rows))
+        qs = [b["quality"] for b in doc["bundles"] if b.get("quality")]
+        if qs:
+            out.append(("p", f"Quality of each artifact, measured through its own runtime: {qs[0]['windows']} windows of "
+                             f"{qs[0]['seqlen']} tokens of {'the evaluation' if qs[0]['text'] == 'given' else 'self-written'} "
+                             "text fed one token per call (teacher-forced), against the PyTorch model it was made "
+                             "from (perplexity ratio, next-token top-1 agreement)."))
         out.append(("p", "Parity: the artifact's logits against the PyTorch model over a 64-token prefill and 32 greedy "
                          "decode steps (fp32 artifacts must stay within 1e-4; 4-bit weights change the logits by design). "
                          + "; ".join(f"{a}: {_artifact_words(a)}" for a in dict.fromkeys(b["artifact"] for b in doc["bundles"]))
@@ -123,9 +132,11 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
         compared = any((r.get("vs_dense") or {}).get("reference") not in (None, r["bundle"]) for r in ok)
         out.append(("p", f"Median of {s['reps']} generation(s) after {s['warmup']} warm-up, each row in a fresh process"
                          + (f", {s['rounds']} rounds pooled" if s.get("rounds", 1) > 1 else "") + ". "
-                         + ("Speed-ups and the memory ratio compare with the dense fp32 bundle of the same backend under "
-                            "the same profile, measured in the same run. " if compared else
-                            "No dense fp32 bundle was measured (export.dense_artifacts), so there are no speed-ups. ")
+                         + ("Speed-ups and the memory ratio compare with the dense bundle of the same backend and the same "
+                            "precision under the same profile, measured in the same run (a pruned 4-bit artifact against "
+                            "the dense 4-bit one). " if compared else
+                            "No dense bundle of the same precision was measured (export.dense_artifacts), so there are "
+                            "no speed-ups. ")
                          + "Model MB: peak RSS minus the RSS before loading, judged against the profile's memory "
                            "budget."
                          + (" One round: on a shared or throttling machine single-run ratios move by about 10% "
@@ -197,7 +208,8 @@ def _summary(doc: dict, bench: dict | None) -> list[str]:
                      for r in rows if (r.get("vs_dense") or {}).get("decode_speedup")]
             fits = [what(r) for r in rows if r["memory"]["verdict"] == "within budget"]
             if speed or rows:
-                parts.append(f"{prof}: decode " + (", ".join(speed) if speed else "–") + " the dense fp32 speed; "
+                parts.append(f"{prof}: decode " + (", ".join(speed) if speed else "–")
+                             + " the dense artifact's speed (same backend and precision); "
                              + (f"fits the budget: {', '.join(fits)}" if fits else "nothing fits the budget"))
         lines.append("; ".join(parts) + ".")
     return lines

@@ -276,11 +276,18 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4)
 
 
-def reference_row(r: dict, targets: list[Target], ok: dict) -> dict | None:
-    """The row ``r`` is compared with: the first dense (unpruned), unquantized bundle measured on the same backend
-    and profile. The torch backend runs a bundle's source model, so any dense bundle's torch row will do."""
+def _quant_of(label: str, backend: str, targets: list[Target]) -> str:
+    t = next(t for t in targets if t.label == label)
+    return "none" if backend == "torch" else t.quantization
+
+
+def reference_row(r: dict, targets: list[Target], ok: dict, *, precision: str | None = None) -> dict | None:
+    """The row ``r`` is compared with: the first dense (unpruned) bundle measured on the same backend and profile
+    with the same precision as ``r`` (or ``precision``, e.g. ``"none"`` for a cross-precision ratio). The torch
+    backend runs a bundle's source model in fp32, so any dense bundle's torch row will do."""
+    want = precision if precision is not None else _quant_of(r["bundle"], r["backend"], targets)
     for t in targets:
-        if t.pruned or t.external or (t.quantization != "none" and r["backend"] != "torch"):
+        if t.pruned or t.external or _quant_of(t.label, r["backend"], targets) != want:
             continue
         ref = ok.get((t.label, r["backend"], r["profile"]))
         if ref is not None:
@@ -303,8 +310,10 @@ def _versus(r: dict, ref: dict) -> dict:
 
 
 def add_comparisons(results: list[dict], targets: list[Target]) -> None:
-    """Give each measured row its ratios against the dense fp32 bundle on the same backend and profile
-    (``vs_dense``), and each ONNX row of a bundle its ratios against optimum's export (``vs_optimum``)."""
+    """Give each measured row its ratios against the dense bundle of the same backend, precision and profile
+    (``vs_dense``: like with like, so pruning is credited only with what pruning did), each quantized row its
+    ratios against the dense fp32 bundle (``vs_dense_fp32``: across precisions, labelled so), and each ONNX row
+    of a bundle its ratios against optimum's export (``vs_optimum``)."""
     by_label = {t.label: t for t in targets}
     ok = {(r["bundle"], r["backend"], r["profile"]): r for r in results if r["status"] == "ok"}
     optimum = {pr: x for (lbl, be, pr), x in ok.items() if by_label[lbl].external == "optimum-onnx"}
@@ -316,3 +325,7 @@ def add_comparisons(results: list[dict], targets: list[Target]) -> None:
             r["vs_optimum"] = _versus(r, optimum[r["profile"]])
         ref = None if external else reference_row(r, targets, ok)
         r["vs_dense"] = None if ref is None or ref is r else _versus(r, ref)
+        if not external and _quant_of(r["bundle"], r["backend"], targets) != "none":
+            fp32 = reference_row(r, targets, ok, precision="none")
+            if fp32 is not None:
+                r["vs_dense_fp32"] = _versus(r, fp32)

@@ -27,6 +27,22 @@ def validate(doc: dict) -> None:
     jsonschema.validate(doc, schema())
 
 
+def _versus_table(ok: list[dict], key: str, title: str, note: str | None = None) -> list[str]:
+    """A Markdown table of the rows' ``key`` comparison (``vs_dense``, ``vs_dense_fp32``), or nothing."""
+    rows = [r for r in ok if r.get(key)]
+    if not rows:
+        return []
+    lines = [title, "", *([note, ""] if note else []),
+             "| profile | backend | bundle | vs | decode speed-up | TTFT speed-up | memory ratio | size ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v = r[key]
+        lines.append(f"| {r['profile']} | {r['backend']} | {r['bundle']} | {v['reference']} | "
+                     f"{_fmt(v['decode_speedup'])}x | {_fmt(v['ttft_speedup'])}x | {_fmt(v['memory_ratio'])} | "
+                     f"{_fmt(v['size_ratio'])} |")
+    return lines + [""]
+
+
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "–" if x is None else f"{x:.{digits}f}"
 
@@ -44,18 +60,10 @@ def markdown(doc: dict) -> str:
              f"each row in a fresh process" + (f", {settings['rounds']} rounds over all rows, pooled"
                                                if settings.get("rounds", 1) > 1 else "")
              + f"; {doc['duration_s']:.0f} s in all.", ""]
-    compared = [r for r in ok if r.get("vs_dense")]
-    if compared:
-        lines += ["## Against the dense bundle (same backend, same profile, same run)", "",
-                  "Speed-ups > 1 and ratios < 1 are better.", "",
-                  "| profile | backend | bundle | vs | decode speed-up | TTFT speed-up | memory ratio | size ratio |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for r in compared:
-            v = r["vs_dense"]
-            lines.append(f"| {r['profile']} | {r['backend']} | {r['bundle']} | {v['reference']} | "
-                         f"{_fmt(v['decode_speedup'])}x | {_fmt(v['ttft_speedup'])}x | {_fmt(v['memory_ratio'])} | "
-                         f"{_fmt(v['size_ratio'])} |")
-        lines.append("")
+    lines += _versus_table(ok, "vs_dense", "## Against the dense bundle (same backend, same precision, same profile, "
+                           "same run)", "Speed-ups > 1 and ratios < 1 are better.")
+    lines += _versus_table(ok, "vs_dense_fp32", "## Quantized against the dense fp32 bundle (across precisions: "
+                           "quantization's gain, plus pruning's where pruned)")
     vs_opt = [r for r in ok if r.get("vs_optimum")]
     if vs_opt:
         lines += ["## Our ONNX export against optimum-onnx's (same profile, same run)", "",
