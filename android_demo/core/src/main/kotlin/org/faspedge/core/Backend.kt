@@ -15,8 +15,11 @@ enum class Backend(val format: String, val label: String) {
     }
 }
 
-/** What the app will run a bundle with, and the tokenizer file that goes with it. */
-data class Plan(val backend: Backend, val modelFile: String, val tokenizerFile: String)
+/**
+ * What the app will run a bundle with, and the tokenizer file that goes with it. [dataFile]: the `.ptd` an
+ * ExecuTorch program keeps its constants in (fp32 bundles), passed to LlmModule with the `.pte`.
+ */
+data class Plan(val backend: Backend, val modelFile: String, val tokenizerFile: String, val dataFile: String? = null)
 
 object Backends {
     /** Every backend that can run [bundle], best first (`.pte` first: LlmModule runs the whole loop natively). */
@@ -31,7 +34,8 @@ object Backends {
                 Backend.ONNX -> m.tokenizer.hfTokenizer      // tokenizer.json, read by Tokenizer.kt
             } ?: continue
             if (!bundle.file(tok).isFile) continue
-            out.add(Plan(b, art.file, tok))
+            val data = if (b == Backend.PTE) art.externalData.firstOrNull { it.endsWith(".ptd") } else null
+            out.add(Plan(b, art.file, tok, data))
         }
         return out
     }
