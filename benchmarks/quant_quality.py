@@ -74,9 +74,10 @@ def variants():
                                                    recipe(lm_head="4bit", embedding="none")),
         "asymmetric, 4-bit head, 4-bit embedding": ("smallest", recipe(lm_head="4bit", embedding="4bit")),
         "asymmetric, 8-bit head, 8-bit embedding": ("", recipe(lm_head="8bit", embedding="8bit")),
-        "asymmetric, 8-bit head, 4-bit embedding (default)": ("the default recipe", recipe()),
-        "hqq_scale_only, 8-bit head, 4-bit embedding": ("the default with a symmetric grid",
-                                                        recipe(qparams="hqq_scale_only")),
+        "asymmetric, 8-bit head, 4-bit embedding": ("", recipe(embedding="4bit")),
+        "asymmetric, 8-bit head, fp32 embedding (default)": ("the default recipe", recipe()),
+        "hqq_scale_only, 8-bit head, 4-bit embedding": ("the recipe on a symmetric grid",
+                                                        recipe(qparams="hqq_scale_only", embedding="4bit")),
     }
 
 
@@ -97,6 +98,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--work", default=str(REPO / "out"))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    ap.add_argument("--only", default=None, help="measure only the variants whose name contains this (plus fp32) and "
+                    "replace those rows in the existing results")
     args = ap.parse_args()
     from fasp_edge import load_model
     from fasp_edge.export.decoder import ExportDecoder
@@ -119,6 +122,8 @@ def main() -> None:
         windows = ids[: args.windows * 512].reshape(args.windows, 512)
         base = None
         for label, (what, apply) in variants().items():
+            if args.only and label != "fp32" and args.only not in label:
+                continue
             t0 = time.perf_counter()
             decoder = ExportDecoder(copy.deepcopy(loaded.model), max_context=512, cache="static",
                                     full_logits=True).eval()
@@ -130,6 +135,15 @@ def main() -> None:
             print(f"{name:7s} {label:52s} ppl {ppl:8.3f}  {ppl / base:.4f}x", file=sys.stderr, flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.only and (out / "quant_quality.json").exists():
+        new = {(r["model"], r["variant"]): r for r in rows}
+        old = json.loads((out / "quant_quality.json").read_text())["rows"]
+        order = [k for k in variants()]
+        merged = {(r["model"], r["variant"]): r for r in old if r["variant"] in order}
+        merged.update(new)
+        rows = sorted(merged.values(), key=lambda r: (args.models.split(",").index(r["model"])
+                                                      if r["model"] in args.models.split(",") else 99,
+                                                      order.index(r["variant"])))
     (out / "quant_quality.json").write_text(json.dumps({"windows": args.windows, "seqlen": 512, "rows": rows},
                                                        indent=2) + "\n")
     lines = ["SmolLM2-135M-Instruct (dequantized Q4_1), WikiText-2 test, first "

@@ -62,11 +62,12 @@ def test_quantize_decoder_follows_the_recipe():
     with torch.no_grad():
         decoder.reset_cache()
         ref = decoder(prompt, torch.tensor([0]))
-    info = quantize_decoder(decoder, Recipe())
+    info = quantize_decoder(decoder, Recipe(embedding="4bit"))
     assert info["embedding"] == "int4-g32-asymmetric" and info["lm_head"] == "8da8w-per-channel"
     assert info["linear_counts"]["8da4w-g32"] == 2 * 6 and info["recipe"]["qparams"] == "asymmetric"
     assert any(k.endswith("down_proj") for k in info["fallback_8bit"])
     assert type(decoder.embed_tokens.weight).__name__ == "IntxUnpackedToInt8Tensor"
+    assert quantize_decoder(ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64).eval())["embedding"] == "float32"
     with torch.no_grad():
         decoder.reset_cache()
         got = decoder(prompt, torch.tensor([0]))
