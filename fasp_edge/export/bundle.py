@@ -194,12 +194,13 @@ def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = Tru
     """Teacher-forced quality of an artifact against the PyTorch model it was made from.
 
     Every window is fed through the artifact's own runtime one token per call (``step_fn(tokens, start)``,
-    positions restarting at 0 per window), exactly as a generating app drives it; the PyTorch model scores
+    position 0 starting a new sequence), exactly as a generating app drives it; the PyTorch model scores
     the same windows. Returns the top-1 agreement of next-token predictions, the perplexity of both on
     the window text and their ratio (``exp`` of the mean NLL difference), and the mean KL(model || artifact).
     """
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
+
+    from ..pipeline.perplexity import compare_log_probs
 
     n, length = windows.shape
     same = 0
@@ -215,27 +216,17 @@ def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = Tru
                 bar.update(1)
             bar.update(1)
             art = torch.log_softmax(torch.stack(got), dim=-1)
-            target = row[1:]
-            same += int((ref.argmax(-1) == art.argmax(-1)).sum())
-            nll_ref -= float(ref.gather(1, target[:, None]).sum())
-            nll_art -= float(art.gather(1, target[:, None]).sum())
-            kl += float((ref.exp() * (ref - art)).sum())
+            target = row[1:, None]
+            s, k = compare_log_probs(ref, art)
+            same, kl = same + s, kl + k
+            nll_ref -= float(ref.gather(1, target).sum())
+            nll_art -= float(art.gather(1, target).sum())
     bar.close()
     positions = n * (length - 1)
     return {"windows": n, "seqlen": length, "positions": positions, "top1_agreement": same / positions,
             "perplexity_ratio": math.exp((nll_art - nll_ref) / positions),
             "perplexity": math.exp(nll_art / positions), "reference_perplexity": math.exp(nll_ref / positions),
             "mean_kl": kl / positions, "seconds": round(time.perf_counter() - t0, 2)}
-
-
-def _restarting(runtime):
-    """``runtime.step`` that starts a new sequence at position 0 (ONNX holds its past; the .pte overwrites)."""
-    def step(tokens: torch.Tensor, start: int) -> torch.Tensor:
-        if start == 0 and hasattr(runtime, "reset"):
-            runtime.reset()
-        return runtime.step(tokens, start)
-
-    return step
 
 
 def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | tuple[str, ...] = FORMATS,
@@ -291,7 +282,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                 info, runtime = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps)
             info["export_seconds"] = round(time.perf_counter() - t0, 2)
             if quality_set is not None:
-                info["quality"] = {**quality_source, **artifact_quality(model, _restarting(runtime), quality_set,
+                info["quality"] = {**quality_source, **artifact_quality(model, runtime.step, quality_set,
                                                                         progress=progress)}
             artifacts[fmt] = info
             steps.update(1)

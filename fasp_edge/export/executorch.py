@@ -126,14 +126,11 @@ def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict, *, data
     from executorch.exir.passes import MemoryPlanningPass
     from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-    from .decoder import load_custom_ops
-
     if decoder.cache != "static":
         raise ValueError("ExecuTorch export needs a decoder with cache='static'")
     if data_file is not None and (Path(data_file).name != data_file or not data_file.endswith(".ptd")):
         raise ValueError(f"data_file must be a plain file name ending in .ptd, got {data_file!r}")
-    load_custom_ops()
-    _load_quantized_kernels()
+    load_runtime_ops()
     path = Path(path)
     tag = Path(data_file).stem if data_file else None
     t0 = time.perf_counter()

@@ -90,7 +90,6 @@ class GroupOffsetLinear(nn.Module):
     def __init__(self, main: nn.Linear, group_sum: nn.Linear, offset: nn.Linear):
         super().__init__()
         self.main, self.group_sum, self.offset = main, group_sum, offset
-        self.in_features, self.out_features = main.in_features, main.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.main(x) + self.offset(self.group_sum(x))
@@ -161,10 +160,8 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE) -> dic
 
     recipe.check()
     schemes = linear_schemes(decoder, recipe)
+    # a tied head and embedding part here: each is given a new weight of its own (the two kernels differ)
     emb = getattr(decoder, "embed_tokens", None)
-    head = getattr(decoder, "lm_head", None)
-    if isinstance(emb, nn.Embedding) and isinstance(head, nn.Linear) and head.weight is emb.weight:
-        head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)  # the kernels differ
     four = {fqn for fqn, sch in schemes.items() if sch == "8da4w-g32"}
     eight = {fqn for fqn, sch in schemes.items() if sch != "8da4w-g32"}
     if recipe.qparams == "asymmetric":

@@ -50,6 +50,12 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, *, seqlen: int = 51
             "predicted_tokens": predicted, "seqlen": seqlen}
 
 
+def compare_log_probs(ref: torch.Tensor, got: torch.Tensor) -> tuple[int, float]:
+    """Positions where the top-1 tokens of log-probabilities ``ref`` and ``got`` ``[n, V]`` agree, and the
+    summed ``KL(p_ref || p_got)`` over them (nats)."""
+    return int((ref.argmax(-1) == got.argmax(-1)).sum()), float((ref.exp() * (ref - got)).sum())
+
+
 @torch.no_grad()
 def agreement(reference: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor, *,
               device: str | torch.device = "cpu", progress: bool = True) -> dict:
@@ -70,8 +76,8 @@ def agreement(reference: torch.nn.Module, model: torch.nn.Module, windows: torch
         batch = row.unsqueeze(0).to(device)
         ref = torch.log_softmax(reference(batch, use_cache=False).logits[0].float(), dim=-1)
         got = torch.log_softmax(model(batch, use_cache=False).logits[0].float(), dim=-1)
-        same += int((ref.argmax(-1) == got.argmax(-1)).sum())
-        kl += float((ref.exp() * (ref - got)).sum())
+        s, k = compare_log_probs(ref, got)
+        same, kl = same + s, kl + k
     positions = windows.shape[0] * windows.shape[1]
     return {"top1_agreement": same / positions, "mean_kl": kl / positions, "windows": int(windows.shape[0]),
             "positions": positions}

@@ -198,7 +198,7 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         evaluation = _evaluate(state, dense_fp, pruned, eval_file, text_fps["evaluate"])
         state._dense = None  # the exports and the bench run in child processes
         del dense
-        bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned)
+        bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned, eval_file, text_fps["evaluate"])
         from ..runtime_bench.measure import host_facts
 
         host = host_facts()
@@ -406,12 +406,11 @@ class _ExportJob:
     fp: str
 
 
-def _export(state: RunState, models: list[ModelEntry]) -> list[dict]:
+def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None, quality_fp: str | None) -> list[dict]:
     cfg = state.cfg
     x = cfg["export"]
     # each artifact's quality is measured through its runtime on the evaluation text (or on self-written text)
-    quality_file = cfg.path(cfg["evaluate"]["text_file"])
-    quality = {"quality_text": _file_fp(quality_file)}
+    quality = {"quality_text": quality_fp}
     jobs = [_ExportJob(f"{m.label}-{a}", m, a, cfg.folder / "bundles" / f"{m.label}-{a}",
                        fingerprint({"artifact": a, "max_context": x["max_context"], **quality}, [m.fingerprint]))
             for m in models for a in (x["dense_artifacts"] if m.path is None else x["artifacts"])]

@@ -276,18 +276,17 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 4)
 
 
-def _quant_of(label: str, backend: str, targets: list[Target]) -> str:
-    t = next(t for t in targets if t.label == label)
+def _quant_of(t: Target, backend: str) -> str:
+    """The precision a row of ``t`` runs at: the torch backend runs the source model in fp32."""
     return "none" if backend == "torch" else t.quantization
 
 
-def reference_row(r: dict, targets: list[Target], ok: dict, *, precision: str | None = None) -> dict | None:
+def reference_row(r: dict, targets: list[Target], ok: dict, *, precision: str) -> dict | None:
     """The row ``r`` is compared with: the first dense (unpruned) bundle measured on the same backend and profile
-    with the same precision as ``r`` (or ``precision``, e.g. ``"none"`` for a cross-precision ratio). The torch
-    backend runs a bundle's source model in fp32, so any dense bundle's torch row will do."""
-    want = precision if precision is not None else _quant_of(r["bundle"], r["backend"], targets)
+    at ``precision`` (``r``'s own for like with like, ``"none"`` for a cross-precision ratio). The torch backend
+    runs a bundle's source model in fp32, so any dense bundle's torch row will do."""
     for t in targets:
-        if t.pruned or t.external or _quant_of(t.label, r["backend"], targets) != want:
+        if t.pruned or t.external or _quant_of(t, r["backend"]) != precision:
             continue
         ref = ok.get((t.label, r["backend"], r["profile"]))
         if ref is not None:
@@ -323,9 +322,10 @@ def add_comparisons(results: list[dict], targets: list[Target]) -> None:
         external = by_label[r["bundle"]].external
         if r["backend"] == "onnx" and not external and r["profile"] in optimum:
             r["vs_optimum"] = _versus(r, optimum[r["profile"]])
-        ref = None if external else reference_row(r, targets, ok)
+        precision = _quant_of(by_label[r["bundle"]], r["backend"])
+        ref = None if external else reference_row(r, targets, ok, precision=precision)
         r["vs_dense"] = None if ref is None or ref is r else _versus(r, ref)
-        if not external and _quant_of(r["bundle"], r["backend"], targets) != "none":
+        if not external and precision != "none":
             fp32 = reference_row(r, targets, ok, precision="none")
             if fp32 is not None:
                 r["vs_dense_fp32"] = _versus(r, fp32)
