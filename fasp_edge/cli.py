@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--qparams", default=None, help="8da4w weight grid: asymmetric (default: min/max groups, exact on "
                    "GGUF Q4 weights), hqq_scale_only or affine (torchao's symmetric ones)")
     p.add_argument("--lm-head", default=None, help="8da4w LM head weights: 8bit (default) or 4bit")
-    p.add_argument("--embedding-quant", default=None, help="8da4w token embedding: none (default, fp32), 4bit or 8bit "
-                   "(experimental: fails to lower for SmolLM2 with executorch 1.4.1)")
+    p.add_argument("--embedding-quant", default=None, help="8da4w token embedding: 8bit (default; a tied table shares the "
+                   "8-bit LM head's bytes), 4bit (asymmetric groups of 32) or none (fp32)")
     p.add_argument("--quality-text", default=None, help="text file the artifacts' quality is measured on (e.g. "
                    "WikiText-2 test); default: text the model writes itself")
     p.add_argument("--quality-windows", type=int, default=4, help="windows of 512 tokens fed through each artifact "

@@ -210,7 +210,9 @@ def test_pte_8da4w_keeps_stories260k_quality(tmp_path):
     # measured 1.08x on its own text with this recipe (torchao's symmetric default: see benchmarks/quant_quality.py)
     assert q["perplexity_ratio"] < 1.15 and q["top1_agreement"] > 0.8, q
     quant = m["artifacts"]["pte"]["quantization"]
-    assert quant["recipe"]["qparams"] == "asymmetric" and quant["embedding"] == "float32"
+    assert quant["recipe"]["qparams"] == "asymmetric" and quant["embedding"] == "int8-per-row, shared with the LM head"
+    assert m["artifacts"]["pte"]["data_file"] == "model.ptd"  # every weight; the shared table once (test_quantize)
+    assert m["artifacts"]["pte"]["lowering"]["runtime_operators"].count("quantized_decomposed::embedding_byte.out") == 1
     assert m["export_settings"]["recipe"]["lm_head"] == "8bit"
     lowering = m["artifacts"]["pte"]["lowering"]
     assert lowering["delegate_partitions"] <= 2 * m["model"]["num_layers"]

@@ -8,7 +8,8 @@ from torch import nn
 
 from fasp_edge.errors import InvalidArgument
 from fasp_edge.export.decoder import ExportDecoder
-from fasp_edge.export.quantize import Recipe, asymmetric_4bit, linear_schemes, quantize_decoder, to_group_offset
+from fasp_edge.export.quantize import (QuantizedEmbedding, Recipe, asymmetric_4bit, linear_schemes, quantize_decoder,
+                                      to_group_offset)
 
 from .conftest import MODEL_BUILDERS, random_windows
 
@@ -66,8 +67,15 @@ def test_quantize_decoder_follows_the_recipe():
     assert info["embedding"] == "int4-g32-asymmetric" and info["lm_head"] == "8da8w-per-channel"
     assert info["linear_counts"]["8da4w-g32"] == 2 * 6 and info["recipe"]["qparams"] == "asymmetric"
     assert any(k.endswith("down_proj") for k in info["fallback_8bit"])
-    assert type(decoder.embed_tokens.weight).__name__ == "IntxUnpackedToInt8Tensor"
-    assert quantize_decoder(ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64).eval())["embedding"] == "float32"
+    assert isinstance(decoder.embed_tokens, QuantizedEmbedding) and decoder.embed_tokens.bits == 4
+    # the default: a tied table takes the 8-bit head's own integer tensor (stored once in model.ptd)
+    tied = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64).eval()
+    assert quantize_decoder(tied)["embedding"] == "int8-per-row, shared with the LM head"
+    assert tied.embed_tokens.weight is tied.lm_head.weight_int
+    untied = ExportDecoder(MODEL_BUILDERS["mistral"](), max_context=64).eval()
+    assert quantize_decoder(untied)["embedding"] == "int8-per-row"
+    assert quantize_decoder(ExportDecoder(MODEL_BUILDERS["opt"](), max_context=64).eval(),
+                            Recipe(embedding="none"))["embedding"] == "float32"
     with torch.no_grad():
         decoder.reset_cache()
         got = decoder(prompt, torch.tensor([0]))
@@ -87,3 +95,52 @@ def test_cli_refuses_recipe_flags_without_8da4w(tmp_path, capsys):
     assert main(["export", "--formats", "pte", "--lm-head", "4bit", "-o", str(tmp_path / "b")]) == 2
     assert "apply to --quant 8da4w only" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_embedding_matches_its_runtime_kernel(bits):
+    """Eager rows are the dequantized table; ExecuTorch's embedding_byte / embedding_4bit kernel computes the same."""
+    from executorch.exir import to_edge
+    from executorch.runtime import Runtime
+
+    from fasp_edge.export.executorch import load_runtime_ops
+
+    load_runtime_ops()
+    w = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
+    emb = QuantizedEmbedding.int8_per_row(w) if bits == 8 else QuantizedEmbedding.asymmetric_4bit(w)
+    idx = torch.tensor([[0, 7, 49, 7]])
+    rows = emb(idx)
+    step = (w.abs().amax(1) / 127) if bits == 8 else None
+    if bits == 8:
+        assert ((rows - w[idx]).abs() <= step[idx].unsqueeze(-1) / 2 + 1e-7).all()  # half a step per row
+    else:
+        q, d, c = asymmetric_4bit(w)
+        assert torch.allclose(rows, (d.repeat_interleave(32, 1) * q.float() + c.repeat_interleave(32, 1))[idx], atol=1e-6)
+    program = to_edge(torch.export.export(emb, (idx,))).to_executorch()
+    method = Runtime.get().load_program(program.buffer).load_method("forward")
+    assert torch.equal(method.execute([idx])[0], rows)
+
+
+def test_tied_8bit_table_is_stored_once_in_the_ptd(tmp_path):
+    """The 8-bit LM head and the 8-bit embedding read one integer table: model.ptd holds it once."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fasp_edge.export.executorch import PteModel, export_pte, runner_metadata
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True)
+    decoder = ExportDecoder(LlamaForCausalLM(cfg).eval(), max_context=32, cache="static").eval()
+    assert quantize_decoder(decoder)["embedding"] == "int8-per-row, shared with the LM head"
+    tokens = torch.tensor([[5, 8000, 17]])
+    with torch.no_grad():
+        decoder.reset_cache()
+        ref = decoder(tokens, torch.tensor([0]))
+    info = export_pte(decoder, tmp_path / "model.pte", runner_metadata(decoder, 1, [2]), data_file="model.ptd")
+    table = 8192 * 64
+    assert table < info["files"]["model.ptd"] < 1.5 * table, info["files"]  # twice would be > 2x
+    assert info["files"]["model.pte"] < table / 2
+    assert "quantized_decomposed::embedding_byte.out" in info["runtime_operators"]
+    assert info["non_delegated_ops"].get("quantized_decomposed_embedding_byte_default") == 1
+    got = PteModel(tmp_path / "model.pte", data_path=tmp_path / "model.ptd").step(tokens, 0)
+    assert got.argmax().item() == ref.argmax().item() and (got - ref).abs().max() < 0.05 * ref.abs().max()

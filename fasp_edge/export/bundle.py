@@ -40,7 +40,7 @@ FORMATS = ("pte", "onnx")
 QUANTS = {"none": ("pte", "onnx"), "8da4w": ("pte",), "int8": ("onnx",)}
 PARITY_TOLERANCE = 1e-4  # fp32 max |Δlogits| allowed between an artifact and the PyTorch model ...
 PARITY_RELATIVE = 5e-6  # ... or this fraction of the largest |logit|, where logits are large (float32 rounding)
-PTE_DATA_FILE = "model.ptd"  # the fp32 .pte's constants (ExecuTorch named data), deduplicated
+PTE_DATA_FILE = "model.ptd"  # the .pte's external constants (ExecuTorch named data), deduplicated
 QUALITY_WINDOWS = 4  # teacher-forced windows through each artifact's runtime ...
 QUALITY_SEQLEN = 512  # ... of this many tokens (or the context length, if shorter)
 QUALITY_SEED = 1234  # seed of self-written quality text (not the calibration seeds 0, or agreement's)
@@ -339,9 +339,9 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
     quantization = quantize_decoder(decoder, recipe) if quant == "8da4w" else None
     meta = runner_metadata(decoder, tokenizer.bos_token_id, eos_ids_of(model, tokenizer))
-    # fp32: every constant in model.ptd, so the tied embedding / LM head table is stored once (the embedding
-    # kernel and the XNNPACK LM head read the same bytes); 4-bit: the two are quantized apart, all in the .pte
-    data_file = PTE_DATA_FILE if quant == "none" else None
+    # constants in model.ptd, where identical buffers are stored once: the tied embedding / LM head table
+    # (fp32, or 8da4w's 8-bit head integers that the 8-bit embedding kernel reads too) is written once
+    data_file = PTE_DATA_FILE
     lowering = export_pte(decoder, tmp / "model.pte", meta, data_file=data_file)
     pte = PteModel(tmp / "model.pte", data_path=tmp / data_file if data_file else None)
     parity = _artifact_parity(model, pte.step, prompt, steps)

@@ -3,8 +3,12 @@
 What the XNNPACK artifact computes: a Linear takes 8-bit dynamic per-token activations and 4-bit weights
 in groups of 32 with one bf16 scale per group and NO zero point (XNNPACK's ``qd8-f32-qb4w``: the grid of a
 group is ``d·{-8..7}``); a Linear whose input width is not a multiple of 32 takes 8-bit per-channel
-weights. The token embedding is not an XNNPACK op; it becomes ExecuTorch's
-``quantized_decomposed::embedding_4bit`` / ``embedding_byte`` kernel, which does take zero points.
+weights. Every quantized Linear is a :class:`DynamicQuantLinear`, written in the ``quantized_decomposed`` ops
+XNNPACK lowers. The token embedding is not an XNNPACK op: :class:`QuantizedEmbedding` calls ExecuTorch's
+``quantized_decomposed::embedding_byte`` / ``embedding_4bit`` kernel, which does take zero points. A tied
+table (SmolLM2's) is 8-bit: the embedding kernel reads the 8-bit LM head's own integers, and the bundle's
+``model.ptd`` stores them once, so the quantized embedding costs no bytes (dense SmolLM2: 113 MB of fp32
+table gone).
 
 Where the 1.6x perplexity of a plain torchao export came from (SmolLM2-135M-Instruct, WikiText-2 test;
 ``benchmarks/quant_quality.py`` measures each part alone): the 4-bit weights. SmolLM2 is published as
@@ -25,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..errors import InvalidArgument
 
@@ -46,10 +51,8 @@ class Recipe:
 
     qparams: str = "asymmetric"
     lm_head: str = "8bit"
-    # fp32 by default: on SmolLM2's real weights ExecuTorch 1.4.1's quant fusion leaves the 4-bit (and 8-bit)
-    # embedding's torchao::dequantize_affine unfused, which has no runtime kernel ("Missing out variants" at
-    # to_executorch; random and stories260K embeddings fuse); until that is found, 4bit/8bit are opt-in
-    embedding: str = "none"
+    # 8-bit rows: a tied table takes the 8-bit head's integers, stored once in model.ptd (no extra bytes)
+    embedding: str = "8bit"
     keep_8bit: list[str] = field(default_factory=list)
 
     def check(self) -> None:
@@ -65,17 +68,59 @@ class Recipe:
 DEFAULT_RECIPE = Recipe()
 
 
-# ---------------------------------------------------------------------------------------------- asymmetric 4-bit
-def _int_weight(w_int: torch.Tensor, scale: torch.Tensor, bits: int, group: int) -> torch.Tensor:
-    """A torchao weight (8-bit dynamic activations) holding exactly the integers ``w_int`` and ``scale``."""
-    from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
+# ---------------------------------------------------------------------------------------------- linears
+class DynamicQuantLinear(nn.Module):
+    """A Linear with 8-bit dynamic per-token activations and integer weights, written in the
+    ``quantized_decomposed`` ops that XNNPACK lowers to ``qd8-f32-qb4w`` (4-bit, groups) / ``qd8-f32-qc8w``
+    (8-bit, per output channel).
 
-    out, k = w_int.shape
-    hp = (w_int.float().reshape(out, k // group, group) * scale[..., None]).reshape(out, k)
-    return IntxUnpackedToInt8Tensor.from_hp(
-        hp, (1, group), getattr(torch, f"int{bits}"), activation_quantization="int8_asym_per_token",
-        intx_choose_qparams_algorithm=None, custom_scale=scale,
-        custom_zero_point=torch.zeros_like(scale, dtype=torch.int8))
+    ``weight_int``: int8 ``[out, in]`` holding ``-8..7`` (4-bit) or ``-127..127`` (8-bit); ``scales``:
+    ``[out, in/group]`` (4-bit) or ``[out]`` (8-bit); the weight is ``scales·weight_int`` (no zero point: the
+    kernels' grids are symmetric). Eagerly it computes the same with the ops' reference implementations.
+
+    Why not torchao's quantized tensor subclass: its ops are traced op by op under fake tensors in every
+    lowering pass (SmolLM2's 8da4w export spent ~1000 s lowering); these ops carry cheap meta kernels.
+    """
+
+    def __init__(self, weight_int: torch.Tensor, scales: torch.Tensor, bits: int, group: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+        self.bits, self.group = bits, group
+        self.out_features, self.in_features = weight_int.shape
+        self.register_buffer("weight_int", weight_int.to(torch.int8))
+        self.register_buffer("scales", scales.float())
+        # XNNPACK wants zero points beside the scales (all zero: symmetric grids)
+        self.register_buffer("zero_points", torch.zeros(scales.shape, dtype=torch.int64 if bits == 8 else torch.float32))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    @torch.no_grad()
+    def int8_per_channel(cls, lin: nn.Linear) -> "DynamicQuantLinear":
+        """``lin`` with symmetric 8-bit weights per output channel (``s = max|row| / 127``)."""
+        return cls(*_int8_rows(lin.weight), 8, lin.in_features, lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        s, z = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+        x = qd.dequantize_per_token(qd.quantize_per_token(x, s, z, -128, 127, torch.int8), s, z, -128, 127,
+                                    torch.int8, torch.float32)
+        if self.bits == 4:
+            w = qd.dequantize_per_channel_group(self.weight_int, self.scales, self.zero_points, -8, 7, torch.int8,
+                                                self.group, torch.float32)
+        else:
+            w = qd.dequantize_per_channel(self.weight_int, self.scales, self.zero_points, 0, -128, 127, torch.int8)
+        return F.linear(x, w, self.bias)
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric 8-bit rows of ``w [out, in]``: int8 ``q`` and ``s [out]`` with ``w ≈ s·q``, ``s = max|row| / 127``."""
+    w = w.detach().float()
+    s = (w.abs().amax(1) / 127).clamp(min=1e-12)
+    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
 
 
 class GroupOffsetLinear(nn.Module):
@@ -87,7 +132,7 @@ class GroupOffsetLinear(nn.Module):
     channel) adds ``c`` times those sums. Build it with :func:`to_group_offset`.
     """
 
-    def __init__(self, main: nn.Linear, group_sum: nn.Linear, offset: nn.Linear):
+    def __init__(self, main: nn.Module, group_sum: nn.Module, offset: nn.Module):
         super().__init__()
         self.main, self.group_sum, self.offset = main, group_sum, offset
 
@@ -112,26 +157,82 @@ def asymmetric_4bit(w: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Ten
 
 @torch.no_grad()
 def to_group_offset(lin: nn.Linear, group: int = GROUP_SIZE) -> GroupOffsetLinear:
-    """``lin`` quantized to asymmetric 4-bit groups, as a :class:`GroupOffsetLinear` of torchao weights."""
+    """``lin`` quantized to asymmetric 4-bit groups, as a :class:`GroupOffsetLinear` of dynamic-quant Linears."""
     k, n = lin.in_features, lin.out_features
     q, d, c = asymmetric_4bit(lin.weight, group)
-    main = nn.Linear(k, n, bias=lin.bias is not None)
-    if lin.bias is not None:
-        main.bias.copy_(lin.bias)
-    main.weight = nn.Parameter(_int_weight(q, d, 4, group), requires_grad=False)
+    main = DynamicQuantLinear(q, d, 4, group, lin.bias)
     groups = k // group
-    group_sum = nn.Linear(k, groups, bias=False)
-    offset = nn.Linear(groups, n, bias=False)
-    ones = torch.eye(groups, dtype=torch.int8).repeat_interleave(group, dim=1)
-    if groups == 1:  # one group: [1, k] and [n, 1] fp32 (torchao's per-token quantization needs width > 1)
-        group_sum.weight.copy_(ones.float())
+    ones = torch.eye(groups).repeat_interleave(group, dim=1)
+    if groups == 1:  # one group: [1, k] and [n, 1] fp32 (a per-token quantization of a width-1 input is moot)
+        group_sum, offset = nn.Linear(k, 1, bias=False), nn.Linear(1, n, bias=False)
+        group_sum.weight.copy_(ones)
         offset.weight.copy_(c)
     else:
-        group_sum.weight = nn.Parameter(_int_weight(ones, torch.ones(groups, 1), 8, k), requires_grad=False)
-        scale = (c.abs().amax(1, keepdim=True) / 127).clamp(min=1e-12)
-        offset.weight = nn.Parameter(_int_weight(torch.round(c / scale).to(torch.int8), scale, 8, groups),
-                                     requires_grad=False)
+        group_sum = DynamicQuantLinear(ones, torch.ones(groups), 8, k)
+        scale = (c.abs().amax(1) / 127).clamp(min=1e-12)
+        offset = DynamicQuantLinear(torch.round(c / scale[:, None]), scale, 8, groups)
     return GroupOffsetLinear(main, group_sum, offset)
+
+
+# ---------------------------------------------------------------------------------------------- embedding
+class QuantizedEmbedding(nn.Module):
+    """A token embedding kept as integers, run by ExecuTorch's ``quantized_decomposed::embedding_byte`` /
+    ``embedding_4bit`` kernels (the graph calls the kernel's op itself; no quant fusion pass is involved).
+
+    ``weight``: int8 ``[V, D]`` (8-bit) or nibble-packed uint8 ``[V, D/2]`` (4-bit, high nibble first, stored
+    ``q + 8``); ``scales``: ``[V]`` per row or ``[V, D/group]``; ``zero_points``: ``None`` or like ``scales``
+    (``w = scale·(q - zero_point)``). Eagerly only the looked-up rows are dequantized.
+    """
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, bits: int):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 4 or 8, got {bits}")
+        self.bits = bits
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("zero_points", None if zero_points is None else zero_points.float())
+        self.embedding_dim = weight.shape[1] * (2 if bits == 4 else 1)
+
+    @classmethod
+    @torch.no_grad()
+    def int8_per_row(cls, w: torch.Tensor) -> "QuantizedEmbedding":
+        """Symmetric 8-bit rows (:func:`_int8_rows`)."""
+        q, s = _int8_rows(w)
+        return cls(q, s, None, 8)
+
+    @classmethod
+    @torch.no_grad()
+    def asymmetric_4bit(cls, w: torch.Tensor, group: int = GROUP_SIZE) -> "QuantizedEmbedding":
+        """Min/max 4-bit groups along ``D`` (:func:`asymmetric_4bit`): ``w = d·(q - z)`` with ``z = -c/d``."""
+        q, d, c = asymmetric_4bit(w, group)
+        u = (q.to(torch.int16) + 8).to(torch.uint8)
+        packed = (u[:, 0::2] << 4) | u[:, 1::2]
+        return cls(packed, d, -c / d, 4)
+
+    def _dequantized_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.weight[idx]
+        if self.bits == 4:
+            w = torch.stack((w >> 4, w & 15), dim=-1).flatten(-2).to(torch.int16) - 8
+        w = w.float()
+        scales = self.scales[idx]
+        if scales.dim() == idx.dim():  # per row
+            return w * scales.unsqueeze(-1)
+        zp = self.zero_points[idx] if self.zero_points is not None else 0.0
+        groups = scales.shape[-1]
+        w = w.unflatten(-1, (groups, -1))
+        return ((w - torch.as_tensor(zp).unsqueeze(-1)) * scales.unsqueeze(-1)).flatten(-2)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_exporting():
+            return self._dequantized_rows(indices)
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401  (registers the ops)
+
+        if self.bits == 8:
+            return torch.ops.quantized_decomposed.embedding_byte.default(
+                self.weight, self.scales, self.zero_points, -128, 127, indices)
+        return torch.ops.quantized_decomposed.embedding_4bit.default(
+            self.weight, self.scales, self.zero_points, -8, 7, indices)
 
 
 # ---------------------------------------------------------------------------------------------- the recipe
@@ -154,14 +255,14 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE) -> dic
     Returns what was done, for the manifest: the recipe, the scheme of every Linear (counted), the 8-bit
     fallbacks and the embedding's and the LM head's precision.
     """
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_primitives import MappingType
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
 
     recipe.check()
     schemes = linear_schemes(decoder, recipe)
     # a tied head and embedding part here: each is given a new weight of its own (the two kernels differ)
     emb = getattr(decoder, "embed_tokens", None)
+    tied_source = isinstance(emb, nn.Embedding) and getattr(getattr(decoder, "lm_head", None), "weight", None) is emb.weight
     four = {fqn for fqn, sch in schemes.items() if sch == "8da4w-g32"}
     eight = {fqn for fqn, sch in schemes.items() if sch != "8da4w-g32"}
     if recipe.qparams == "asymmetric":
@@ -169,24 +270,34 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE) -> dic
         for fqn in four:
             parent, _, attr = fqn.rpartition(".")
             setattr(modules[parent] if parent else decoder, attr, to_group_offset(modules[fqn]))
-    else:
+    else:  # torchao chooses the symmetric grid; its integers and scales go to the same export form
         quantize_(decoder, Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE), intx_choose_qparams_algorithm=recipe.qparams),
             filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in four)
-    quantize_(decoder, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0)),
-              filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in eight)
+        modules = dict(decoder.named_modules())
+        for fqn in four:
+            parent, _, attr = fqn.rpartition(".")
+            lin = modules[fqn]
+            setattr(modules[parent] if parent else decoder, attr,
+                    DynamicQuantLinear(lin.weight.qdata, lin.weight.scale, 4, GROUP_SIZE, lin.bias))
+    modules = dict(decoder.named_modules())
+    for fqn in eight:
+        parent, _, attr = fqn.rpartition(".")
+        setattr(modules[parent] if parent else decoder, attr, DynamicQuantLinear.int8_per_channel(modules[fqn]))
     embedding = "float32"
     if recipe.embedding != "none" and isinstance(emb, nn.Embedding):
-        if recipe.embedding == "4bit" and emb.embedding_dim % GROUP_SIZE == 0:
-            asym = recipe.qparams == "asymmetric"
-            cfg = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE),
-                                       mapping_type=MappingType.ASYMMETRIC if asym else MappingType.SYMMETRIC,
-                                       intx_choose_qparams_algorithm="affine" if asym else recipe.qparams)
-            embedding = f"int4-g{GROUP_SIZE}" + ("-asymmetric" if asym else "")
+        head = getattr(decoder, "lm_head", None)
+        if recipe.embedding == "8bit" and tied_source and isinstance(head, DynamicQuantLinear) and head.bits == 8:
+            # the 8-bit head's own integer tensor (the same object: export sees one constant, which model.ptd
+            # stores once for the embedding kernel and the XNNPACK head)
+            decoder.embed_tokens = QuantizedEmbedding(head.weight_int, head.scales, None, 8)
+            embedding = "int8-per-row, shared with the LM head"
+        elif recipe.embedding == "4bit" and emb.embedding_dim % GROUP_SIZE == 0:
+            decoder.embed_tokens = QuantizedEmbedding.asymmetric_4bit(emb.weight)
+            embedding = f"int4-g{GROUP_SIZE}-asymmetric"
         else:
-            cfg = IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+            decoder.embed_tokens = QuantizedEmbedding.int8_per_row(emb.weight)
             embedding = "int8-per-row"
-        quantize_(decoder, cfg, filter_fn=lambda m, fqn: m is emb)
     counts: dict[str, int] = {}
     for s in schemes.values():
         counts[s] = counts.get(s, 0) + 1

@@ -29,7 +29,7 @@ interface Runner : AutoCloseable {
 
 /** ExecuTorch's LlmModule: tokenization, prefill and decode all in the C++ runner, stats as its JSON. */
 class PteRunner(private val bundle: Bundle, plan: Plan) : Runner {
-    // the 4-argument constructor (executorch-android 1.x) takes the .ptd of an fp32 bundle; null when there is none
+    // the 4-argument constructor (executorch-android 1.x) takes the bundle's .ptd (its weights); null when there is none
     private val module = LlmModule(bundle.file(plan.modelFile).path, bundle.file(plan.tokenizerFile).path, 0.0f,
                                    plan.dataFile?.let { bundle.file(it).path })
     override val loadMs: Double

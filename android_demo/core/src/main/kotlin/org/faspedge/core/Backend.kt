@@ -17,7 +17,7 @@ enum class Backend(val format: String, val label: String) {
 
 /**
  * What the app will run a bundle with, and the tokenizer file that goes with it. [dataFile]: the `.ptd` an
- * ExecuTorch program keeps its constants in (fp32 bundles), passed to LlmModule with the `.pte`.
+ * ExecuTorch program keeps its weights in (every fasp-edge .pte bundle), passed to LlmModule with the `.pte`.
  */
 data class Plan(val backend: Backend, val modelFile: String, val tokenizerFile: String, val dataFile: String? = null)
 

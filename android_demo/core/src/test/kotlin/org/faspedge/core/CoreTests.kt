@@ -89,7 +89,7 @@ class BackendTest {
         val plan = Backends.choose(b)
         assertEquals(Backend.PTE, plan.backend)
         assertEquals(b.manifest.tokenizer.runnerTokenizer, plan.tokenizerFile)
-        assertEquals("model.ptd", plan.dataFile)  // an fp32 .pte keeps its constants in the .ptd LlmModule is given
+        assertEquals("model.ptd", plan.dataFile)  // a .pte keeps its weights in the .ptd LlmModule is given
         assertEquals(Backend.ONNX, Backends.choose(b, Backend.ONNX).backend)  // the bundle has both formats
         assertEquals(null, Backends.choose(b, Backend.ONNX).dataFile)
     }
