@@ -4,8 +4,10 @@
 
 SmolLM2-135M-Instruct (dequantized Q4_1), dense and FASP-0.3 (``--align 32``, pruned with 128 x 512 tokens
 of WikiText-2 validation if ``out/smollm2-fasp30-a32`` is absent). Perplexity on the first 4 windows of 512
-tokens of WikiText-2 test, computed in eager PyTorch through the export decoder with torchao's quantized
-tensors (what the artifact computes, up to XNNPACK's bf16 scales), as a ratio to the same model in fp32.
+tokens of WikiText-2 test, computed in eager PyTorch through the export decoder, quantized with torchao's
+tensors (the suspects) or with fasp-edge's recipe (``fasp_edge/export/quantize.py``: the reference
+implementations of the ops the artifact runs, up to XNNPACK's bf16 scales and rounding), as a ratio to the
+same model in fp32.
 The artifact itself is measured through its runtime by ``fasp-edge export --quality-text``; its manifest
 figures are quoted in README. Writes benchmarks/results/quant_quality.{json,md}.
 """
@@ -73,9 +75,10 @@ def variants():
         "asymmetric, 4-bit head, fp32 embedding": ("asymmetric 4-bit groups (GroupOffsetLinear) everywhere",
                                                    recipe(lm_head="4bit", embedding="none")),
         "asymmetric, 4-bit head, 4-bit embedding": ("smallest", recipe(lm_head="4bit", embedding="4bit")),
-        "asymmetric, 8-bit head, 8-bit embedding": ("", recipe(lm_head="8bit", embedding="8bit")),
+        "asymmetric, 8-bit head, 8-bit embedding (default)": ("the default recipe: the embedding reads the head's "
+                                                              "8-bit integers", recipe()),
         "asymmetric, 8-bit head, 4-bit embedding": ("", recipe(embedding="4bit")),
-        "asymmetric, 8-bit head, fp32 embedding (default)": ("the default recipe", recipe()),
+        "asymmetric, 8-bit head, fp32 embedding": ("", recipe(embedding="none")),
         "hqq_scale_only, 8-bit head, 4-bit embedding": ("the recipe on a symmetric grid",
                                                         recipe(qparams="hqq_scale_only", embedding="4bit")),
     }
@@ -147,7 +150,8 @@ def main() -> None:
     (out / "quant_quality.json").write_text(json.dumps({"windows": args.windows, "seqlen": 512, "rows": rows},
                                                        indent=2) + "\n")
     lines = ["SmolLM2-135M-Instruct (dequantized Q4_1), WikiText-2 test, first "
-             f"{args.windows} x 512 tokens, eager PyTorch with torchao tensors (`benchmarks/quant_quality.py`).", "",
+             f"{args.windows} x 512 tokens, eager PyTorch, torchao tensors or the fasp-edge recipe "
+             "(`benchmarks/quant_quality.py`).", "",
              "| model | variant | perplexity | / fp32 | isolates |", "|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['variant']} | {r['perplexity']:.2f} | {r['ratio_to_fp32']:.3f} | {r['isolates']} |"
               for r in rows]
