@@ -50,6 +50,7 @@ agreement_samples = 4
 agreement_seqlen = 64
 [export]
 artifacts = ["pte", "onnx"]
+dense_artifacts = ["pte", "onnx"]
 max_context = 128
 [bench]
 profile_files = ["tiny-profile.toml"]
