@@ -166,6 +166,11 @@ def _runner_decode(folder: Path, rounds: int) -> list[float]:
     return out
 
 
+def _upper_median(values: list[float]) -> float:
+    """The median of an odd count, the upper middle value of an even one (a value that was measured)."""
+    return sorted(values)[len(values) // 2]
+
+
 class PeerUnavailable(Exception):
     """A peer that could not be measured; the message is the reason recorded in its place."""
 
@@ -368,9 +373,6 @@ def _llamacpp_measure(py: Path, peer: dict, rounds: int) -> dict:
 
     peer["loadavg_1min"]["after"] = round(os.getloadavg()[0], 2)
 
-    def med(vals: list[float]) -> float:
-        return sorted(vals)[len(vals) // 2]
-
     for q, v in ready.items():
         v["size_mb"] = round(v["bytes"] / 1e6, 1)
         if v["status"] != "ok":
@@ -378,9 +380,9 @@ def _llamacpp_measure(py: Path, peer: dict, rounds: int) -> dict:
         dec = [x for r in runs[q] for x in r["decode"]]
         ttft = [x for r in runs[q] for x in r["ttft_s"]]
         first = runs[q][0]
-        v.update({"decode_tokens_per_s": {"median": round(med(dec), 2), "values": sorted(round(x, 2) for x in dec)},
-                  "ttft_ms": round(1000 * med(ttft), 1),
-                  "load_s": {"median": round(med([r["load_s"] for r in runs[q]]), 3),
+        v.update({"decode_tokens_per_s": {"median": round(_upper_median(dec), 2), "values": sorted(round(x, 2) for x in dec)},
+                  "ttft_ms": round(1000 * _upper_median(ttft), 1),
+                  "load_s": {"median": round(_upper_median([r["load_s"] for r in runs[q]]), 3),
                              "values": [round(r["load_s"], 3) for r in runs[q]]},
                   "prompt_tokens": first["prompt_tokens"], "generated_tokens": first["generated_tokens"],
                   "eog_tokens_generated": first["eog_tokens_seen"], "threads_applied": first["threads"],
@@ -448,7 +450,7 @@ def main() -> None:
             if (b / "model.pte").is_file():
                 print(f"TextLLMRunner {b.name} ...", file=sys.stderr, flush=True)
                 vals = sorted(_runner_decode(b, args.rounds))
-                runner[b.name] = {"median": vals[len(vals) // 2], "values": [round(v, 2) for v in vals]}
+                runner[b.name] = {"median": _upper_median(vals), "values": [round(v, 2) for v in vals]}
         runner_file.write_text(json.dumps(runner, indent=2) + "\n")
         if py is not None and peer["status"] == "ok":
             try:

@@ -341,16 +341,13 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     meta = runner_metadata(decoder, tokenizer.bos_token_id, eos_ids_of(model, tokenizer))
     # constants in model.ptd, where identical buffers are stored once: the tied embedding / LM head table
     # (fp32, or 8da4w's 8-bit head integers that the 8-bit embedding kernel reads too) is written once
-    data_file = PTE_DATA_FILE
-    lowering = export_pte(decoder, tmp / "model.pte", meta, data_file=data_file)
-    pte = PteModel(tmp / "model.pte", data_path=tmp / data_file if data_file else None)
+    lowering = export_pte(decoder, tmp / "model.pte", meta, data_file=PTE_DATA_FILE)
+    pte = PteModel(tmp / "model.pte", data_path=tmp / PTE_DATA_FILE)
     parity = _artifact_parity(model, pte.step, prompt, steps)
     _verify("ExecuTorch", parity, quant)
     info = {"file": "model.pte", "backend": "xnnpack", "method": "forward(tokens[1,T], input_pos[1]) -> logits[1,V]",
-            "metadata": meta, "parity": parity, "lowering": lowering}
-    if data_file:
-        info["data_file"] = data_file
-        info["external_data"] = [data_file]
+            "metadata": meta, "parity": parity, "lowering": lowering, "data_file": PTE_DATA_FILE,
+            "external_data": [PTE_DATA_FILE]}
     if quantization is not None:
         info["quantization"] = quantization
     return info, pte

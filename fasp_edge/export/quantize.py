@@ -25,6 +25,7 @@ wide), about 1/16 more weight bytes, all inside the XNNPACK delegate.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -169,8 +170,7 @@ def to_group_offset(lin: nn.Linear, group: int = GROUP_SIZE) -> GroupOffsetLinea
         offset.weight.copy_(c)
     else:
         group_sum = DynamicQuantLinear(ones, torch.ones(groups), 8, k)
-        scale = (c.abs().amax(1) / 127).clamp(min=1e-12)
-        offset = DynamicQuantLinear(torch.round(c / scale[:, None]), scale, 8, groups)
+        offset = DynamicQuantLinear(*_int8_rows(c), 8, groups)
     return GroupOffsetLinear(main, group_sum, offset)
 
 
@@ -248,6 +248,14 @@ def linear_schemes(decoder: nn.Module, recipe: Recipe) -> dict[str, str]:
     return out
 
 
+def _replace(decoder: nn.Module, fqns: set[str], make) -> None:
+    """Put ``make(module)`` in place of each submodule of ``decoder`` named in ``fqns``."""
+    modules = dict(decoder.named_modules())
+    for fqn in fqns:
+        parent, _, attr = fqn.rpartition(".")
+        setattr(modules[parent] if parent else decoder, attr, make(modules[fqn]))
+
+
 @torch.no_grad()
 def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE) -> dict:
     """Quantize ``decoder``'s Linears and token embedding in place, as ``recipe`` says.
@@ -260,30 +268,19 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE) -> dic
 
     recipe.check()
     schemes = linear_schemes(decoder, recipe)
-    # a tied head and embedding part here: each is given a new weight of its own (the two kernels differ)
     emb = getattr(decoder, "embed_tokens", None)
+    # read before the head is replaced: a tied table may then take the 8-bit head's integers
     tied_source = isinstance(emb, nn.Embedding) and getattr(getattr(decoder, "lm_head", None), "weight", None) is emb.weight
     four = {fqn for fqn, sch in schemes.items() if sch == "8da4w-g32"}
     eight = {fqn for fqn, sch in schemes.items() if sch != "8da4w-g32"}
     if recipe.qparams == "asymmetric":
-        modules = dict(decoder.named_modules())
-        for fqn in four:
-            parent, _, attr = fqn.rpartition(".")
-            setattr(modules[parent] if parent else decoder, attr, to_group_offset(modules[fqn]))
+        _replace(decoder, four, to_group_offset)
     else:  # torchao chooses the symmetric grid; its integers and scales go to the same export form
         quantize_(decoder, Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE), intx_choose_qparams_algorithm=recipe.qparams),
             filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and fqn in four)
-        modules = dict(decoder.named_modules())
-        for fqn in four:
-            parent, _, attr = fqn.rpartition(".")
-            lin = modules[fqn]
-            setattr(modules[parent] if parent else decoder, attr,
-                    DynamicQuantLinear(lin.weight.qdata, lin.weight.scale, 4, GROUP_SIZE, lin.bias))
-    modules = dict(decoder.named_modules())
-    for fqn in eight:
-        parent, _, attr = fqn.rpartition(".")
-        setattr(modules[parent] if parent else decoder, attr, DynamicQuantLinear.int8_per_channel(modules[fqn]))
+        _replace(decoder, four, lambda lin: DynamicQuantLinear(lin.weight.qdata, lin.weight.scale, 4, GROUP_SIZE, lin.bias))
+    _replace(decoder, eight, DynamicQuantLinear.int8_per_channel)
     embedding = "float32"
     if recipe.embedding != "none" and isinstance(emb, nn.Embedding):
         head = getattr(decoder, "lm_head", None)
@@ -298,9 +295,7 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE) -> dic
         else:
             decoder.embed_tokens = QuantizedEmbedding.int8_per_row(emb.weight)
             embedding = "int8-per-row"
-    counts: dict[str, int] = {}
-    for s in schemes.values():
-        counts[s] = counts.get(s, 0) + 1
-    return {"scheme": "8da4w", "recipe": asdict(recipe), "group_size": GROUP_SIZE, "linear_counts": counts,
+    return {"scheme": "8da4w", "recipe": asdict(recipe), "group_size": GROUP_SIZE,
+            "linear_counts": dict(Counter(schemes.values())),
             "lm_head": schemes.get("lm_head", "none"), "embedding": embedding,
             "fallback_8bit": sorted(k for k, v in schemes.items() if v != "8da4w-g32" and not k.endswith("lm_head"))}
