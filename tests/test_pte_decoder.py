@@ -171,3 +171,37 @@ def test_quantized_embedding_exports_and_runs(tmp_path):
     with torch.no_grad():
         want = decoder(seq, torch.tensor([0]))[0]
     assert (pte.step(seq, 0) - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("build,quant", [("llama-gqa", True), ("opt", False), ("opt", True)],
+                         ids=["llama-8da4w", "opt-fp32", "opt-8da4w"])
+def test_lean_xnnpack_passes_lower_what_the_full_list_does(tmp_path, monkeypatch, build, quant):
+    """export_pte runs 5 of XNNPACK's 17 preprocess passes: the same partitions, the same logits, the same files
+    (XNNPACK's weights in the .ptd), and the pass manager is XNNPACK's own again afterwards."""
+    import contextlib
+
+    import executorch.backends.xnnpack.xnnpack_preprocess as preprocess
+
+    from fasp_edge.export import executorch as et
+    from fasp_edge.export.quantize import quantize_decoder
+
+    default = preprocess.XNNPACKPassManager
+    model = _pruned(MODEL_BUILDERS[build])
+    seq = random_windows(1, 10, seed=4)
+    runs = {}
+    for mode in ("lean", "full"):
+        if mode == "full":
+            monkeypatch.setattr(et, "_lean_xnnpack_passes", contextlib.nullcontext)
+        decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
+        if quant:
+            quantize_decoder(decoder)
+        info = export_pte(decoder, tmp_path / f"{mode}.pte", runner_metadata(decoder, 2, [2]), data_file=f"{mode}.ptd")
+        assert preprocess.XNNPACKPassManager is default
+        logits = PteModel(tmp_path / f"{mode}.pte", data_path=tmp_path / f"{mode}.ptd").step(seq, 0)
+        runs[mode] = (info, logits)
+    (lean, lean_logits), (full, full_logits) = runs["lean"], runs["full"]
+    assert lean["delegate_partitions"] == full["delegate_partitions"]
+    assert lean["non_delegated_ops"] == full["non_delegated_ops"]
+    assert torch.equal(lean_logits, full_logits)
+    assert lean["files"]["lean.ptd"] == full["files"]["full.ptd"]
+    assert abs(lean["files"]["lean.pte"] - full["files"]["full.pte"]) < 4096, (lean["files"], full["files"])

@@ -13,6 +13,7 @@ kernels registered: :class:`PteModel` does it (:func:`load_runtime_ops`); call t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import warnings
@@ -109,6 +110,55 @@ _SYMBOLIC_OPERATORS = {"add", "sub", "mul", "floordiv", "mod", "neg", "eq", "ne"
                        "sym_int", "sym_ite"}
 
 
+#: the XNNPACK graph passes our decoders need; XNNPACK's ``preprocess`` runs 17 over every partition, each a full
+#: re-trace under fake tensors (SmolLM2 cut to 4 layers, 2 cores: the 8da4w lowering takes 46-48 s with all 17,
+#: 34-35 s with these 5; fp32 13.9 s and 10.3-11.3 s; the same files, bit-identical logits). Over SmolLM2 (fp32, 8da4w) and OPT (fp32, 8da4w)
+#: decoders only these changed a graph or its metadata: dim-order copies reverted, Linear conversion, the
+#: external-constant tags (``PropagateCustomMetaPass``: without it XNNPACK's weights stay inside the .pte, out of
+#: model.ptd), ReLU fused into its Linear (OPT); clone removal is kept for clones a model may emit. The other 12
+#: rewrite ops our decoders never emit (batch norm, conv, pooling, upsampling, SDPA patterns, PReLU, large
+#: concatenations, channels-last layouts); an unhandled op would fail the export, not run slower.
+XNNPACK_PASSES = ("XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "ConvertToLinearPass",
+                  "PropagateCustomMetaPass", "FuseActivationPass")
+
+
+@contextlib.contextmanager
+def _lean_xnnpack_passes():
+    """Within the block, XNNPACK's ``preprocess`` runs only :data:`XNNPACK_PASSES` (executorch 1.4.1's pass manager
+    has no public option for its pass list; if a later version lacks one of them, its full list runs)."""
+    from executorch.backends.xnnpack import xnnpack_preprocess
+    from executorch.backends.xnnpack._passes import XNNPACKPassManager
+
+    default = XNNPACKPassManager(None).passes
+    lean = [p for p in default if p.__name__ in XNNPACK_PASSES]
+    if len(lean) != len(XNNPACK_PASSES) or xnnpack_preprocess.XNNPACKPassManager is not XNNPACKPassManager:
+        yield
+        return
+
+    class LeanPassManager(XNNPACKPassManager):
+        def __init__(self, exported_program, passes=None):
+            super().__init__(exported_program, passes=passes or lean)
+
+    xnnpack_preprocess.XNNPACKPassManager = LeanPassManager
+    try:
+        yield
+    finally:
+        xnnpack_preprocess.XNNPACKPassManager = XNNPACKPassManager
+
+
+def _tag_delegate_constants(ep, tag: str) -> None:
+    """Tag every weight and constant of ``ep`` (not the mutable KV cache) for the delegate's external data
+    ``tag``: the ``delegate_constant_tag`` that ExecuTorch's ``delegate_external_constants_pass_unlifted`` puts
+    on an unlifted module's ``get_attr`` nodes, put on the lifted program's placeholders, which saves tracing
+    the model a second time (the same .pte and .ptd bytes)."""
+    sig = ep.graph_signature
+    constants = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    mutated = set(sig.buffers_to_mutate.values())
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in constants and constants[node.name] not in mutated:
+            node.meta.setdefault("custom", {})["delegate_constant_tag"] = tag
+
+
 def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict, *, data_file: str | None = None) -> dict:
     """Lower a ``static``-cache decoder to an XNNPACK ``.pte`` at ``path``; returns what the lowering did.
 
@@ -143,16 +193,12 @@ def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict, *, data
         shapes = ({1: seq}, None)
         with torch.no_grad():
             ep = torch.export.export(_Forward(decoder), example, dynamic_shapes=shapes, strict=False)
-            if tag is not None:
-                # XNNPACK weights are tagged on the unlifted module, then it is traced again
-                from executorch.exir.passes.external_constants_pass import delegate_external_constants_pass_unlifted
-
-                module = ep.module()
-                delegate_external_constants_pass_unlifted(module=module, gen_tag_fn=lambda node: tag)
-                ep = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
-        edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
-                                           compile_config=EdgeCompileConfig(_check_ir_validity=False),
-                                           constant_methods=metadata)
+        if tag is not None:
+            _tag_delegate_constants(ep, tag)
+        with _lean_xnnpack_passes():
+            edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+                                               compile_config=EdgeCompileConfig(_check_ir_validity=False),
+                                               constant_methods=metadata)
         summary = delegation_summary(edge.exported_program().graph_module)
         program = edge.to_executorch(ExecutorchBackendConfig(
             extract_delegate_segments=True,
