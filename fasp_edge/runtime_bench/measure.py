@@ -6,9 +6,10 @@ no thread pool, allocator or page-cache state of one runtime colours the next, a
 that of one model on one runtime.
 
 The profile is applied before any runtime library is imported: process CPU affinity, then the thread
-count of each runtime (``torch.set_num_threads``; ONNX Runtime intra/inter-op threads without
-spinning; ExecuTorch's thread pool). What the host cannot honour (more threads than usable CPUs,
-CPU ids it does not have, affinity on an OS without it) is clamped and listed in ``not_applied``.
+count of each runtime (``torch.set_num_threads``, 1 where torch only carries tokens and logits for
+another runtime; ONNX Runtime intra/inter-op threads without spinning; ExecuTorch's thread pool). What
+the host cannot honour (more threads than usable CPUs, CPU ids it does not have, affinity on an OS
+without it) is clamped and listed in ``not_applied``.
 Only the standard library is imported at module level, so the affinity applies to every thread the
 runtimes start later.
 """
@@ -237,8 +238,13 @@ def measure(spec: dict) -> dict:
     result = status_row(spec["label"], spec["backend"], prof["name"], "ok", None)
     cpus, threads, notes = plan_cpus(prof["threads"], prof.get("cpu_affinity", "first"), usable_cpus())
     notes += apply_affinity(cpus)
+    # torch computes the model only on the torch backend; beside ExecuTorch or ONNX Runtime it only moves
+    # tokens and logits, and an OpenMP pool of `threads` would spin-wait after each of those small ops on the
+    # cores the runtime's own pool needs (2 cores, the dense SmolLM2 pte-8da4w decoding in a loop of steps:
+    # 136-139 tok/s beside 2 torch threads, 149-159 beside 1)
+    torch_threads = threads if spec["backend"] == "torch" else 1
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(threads)  # read by the OpenMP/BLAS runtimes when torch loads them
+        os.environ[var] = str(torch_threads)  # read by the OpenMP/BLAS runtimes when torch loads them
     result["not_applied"] = notes
     manifest = spec["manifest"]
     exported_here = manifest.get("format") == "fasp-edge-bundle"  # not a reference export with its own context
@@ -258,7 +264,7 @@ def measure(spec: dict) -> dict:
 
     from .engines import generate
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(torch_threads)
     ids = prompt_ids(Path(spec["bundle"]), manifest, prof["prompt_tokens"])
     baseline = _rss_mb()
     t0 = time.perf_counter()
