@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import json
 import os
@@ -215,6 +216,14 @@ def _upper_median(values: list[float]) -> float:
 
 class PeerUnavailable(Exception):
     """A peer that could not be measured; the message is the reason recorded in its place."""
+
+
+@functools.cache
+def _sha256(path: Path) -> str:
+    """A file's sha256, streamed, once per run (both peers check the same source GGUF)."""
+    from fasp_edge.fsutil import sha256_file
+
+    return sha256_file(path)
 
 
 def _rel(p: Path) -> str:
@@ -373,7 +382,7 @@ def _llamacpp_prepare(venv: Path, out_dir: Path) -> tuple[Path | None, dict]:
         py, peer["build"] = _llamacpp_venv(venv)
         src = default_gguf_path()
         peer["source_gguf"] = _rel(src)
-        sha = hashlib.sha256(src.read_bytes()).hexdigest()
+        sha = _sha256(src)
     except Exception as e:  # a peer that cannot be set up is recorded, not fatal
         peer["status"] = f"not measured: {_why(e)}"
         return None, peer
@@ -535,8 +544,8 @@ def _etllm_export(out: Path, dense: Path) -> dict:
     metadata = json.dumps({"get_bos_id": m["bos_id"], "get_eos_ids": m["eos_ids"]})  # as our bundles'
     want = {"recipe": ETLLM_RECIPE, "executorch": version("executorch"), "recipe_config": ETLLM_CONFIG,
             "metadata": metadata, "source_gguf": _rel(src),
-            "source_gguf_sha256": hashlib.sha256(src.read_bytes()).hexdigest(), "tokenizer_source": _rel(tokenizer),
-            "tokenizer_sha256": hashlib.sha256(tokenizer.read_bytes()).hexdigest()}
+            "source_gguf_sha256": _sha256(src), "tokenizer_source": _rel(tokenizer),
+            "tokenizer_sha256": _sha256(tokenizer)}
     record_file = out / ETLLM_RECORD
     if (out / "model.pte").is_file() and record_file.is_file():
         record = json.loads(record_file.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ STORIES = SHARED_DATA / "stories260K"
 TINYSTORIES = SHARED_DATA / "tinystories" / "TinyStories-valid-sample.txt"
 OPT_TOKENIZER = SHARED_DATA / "tokenizers" / "opt"
 WIKI_VALID = SHARED_DATA / "wikitext2" / "wiki.valid.tokens"
+
+
+def default_sigint() -> None:
+    """A child process's ``preexec_fn``: SIGINT at its default (a shell that started the tests in the background,
+    ``pytest &``, leaves it ignored, and children inherit that), so a test's Ctrl-C reaches it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def requires_shared(*paths: Path):

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fasp_edge.cli import main
 
-from .conftest import STORIES, TINYSTORIES, requires_shared
+from .conftest import STORIES, TINYSTORIES, default_sigint, requires_shared
 
 needs_stories = requires_shared(STORIES, TINYSTORIES)
 
@@ -225,8 +225,7 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "fasp_edge.cli", "prune", str(src), "--calib-file",
                              str(TINYSTORIES), "--nsamples", "48", "--seqlen", "256", "--sparsity", "0.3", "-o",
                              str(out)], stderr=subprocess.PIPE, text=True, env=env,
-                            # a shell that started this test in the background leaves SIGINT ignored; undo that
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=default_sigint)
     seen = ""
     deadline = time.time() + 240
     while "fasp layers" not in seen and time.time() < deadline:  # wait until pruning is under way

@@ -16,7 +16,7 @@ import pytest
 
 from fasp_edge.export.bundle import load_bundle
 
-from .conftest import STORIES, TINYSTORIES, requires_shared
+from .conftest import STORIES, TINYSTORIES, default_sigint, requires_shared
 
 pytestmark = requires_shared(STORIES, TINYSTORIES)
 
@@ -63,10 +63,8 @@ reps = 1
 def _start(cfg: Path, *extra: str, log: Path) -> subprocess.Popen:
     with open(log, "wb") as out:
         # a session of its own, like a terminal job: a Ctrl-C reaches the whole process group
-        # SIGINT at its default: a background job (`pytest &`) has it ignored, and children inherit that
         return subprocess.Popen([sys.executable, "-m", "fasp_edge.cli", "run", str(cfg), *extra], stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=default_sigint)
 
 
 def _wait_for_export(folder: Path, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:

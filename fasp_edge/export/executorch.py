@@ -112,11 +112,11 @@ _SYMBOLIC_OPERATORS = {"add", "sub", "mul", "floordiv", "mod", "neg", "eq", "ne"
 
 #: the XNNPACK graph passes our decoders need; XNNPACK's ``preprocess`` runs 17 over every partition, each a full
 #: re-trace under fake tensors (SmolLM2 cut to 4 layers, 2 cores: the 8da4w lowering takes 46-48 s with all 17,
-#: 34-35 s with these 5; fp32 13.9 s and 10.3-11.3 s; the same files, bit-identical logits). Over SmolLM2 (fp32, 8da4w) and OPT (fp32, 8da4w)
-#: decoders only these changed a graph or its metadata: dim-order copies reverted, Linear conversion, the
-#: external-constant tags (``PropagateCustomMetaPass``: without it XNNPACK's weights stay inside the .pte, out of
-#: model.ptd), ReLU fused into its Linear (OPT); clone removal is kept for clones a model may emit. The other 12
-#: rewrite ops our decoders never emit (batch norm, conv, pooling, upsampling, SDPA patterns, PReLU, large
+#: 34-35 s with these 5; fp32 13.9 s and 10.3-11.3 s; the same files, bit-identical logits). Over SmolLM2 and OPT
+#: decoders (fp32 and 8da4w) only these changed a graph or its metadata: dim-order copies reverted, Linear
+#: conversion, the external-constant tags (``PropagateCustomMetaPass``: without it XNNPACK's weights stay inside the
+#: .pte, out of model.ptd), ReLU fused into its Linear (OPT); clone removal is kept for clones a model may emit. The
+#: other 12 rewrite ops our decoders never emit (batch norm, conv, pooling, upsampling, SDPA patterns, PReLU, large
 #: concatenations, channels-last layouts); an unhandled op would fail the export, not run slower.
 XNNPACK_PASSES = ("XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "ConvertToLinearPass",
                   "PropagateCustomMetaPass", "FuseActivationPass")
