@@ -51,6 +51,35 @@ def test_decoder_matches_stories260k(pruned):
         assert check_export_parity(loaded.model, decoder, prompt, 32)["max_abs_diff"] < 1e-4
 
 
+@needs_stories
+def test_self_written_quality_windows_are_sampled_once_per_model(tmp_path, monkeypatch):
+    from fasp_edge.export import bundle as bundle_mod
+    from fasp_edge.pipeline import calibration
+
+    monkeypatch.setenv("FASP_EDGE_CACHE", str(tmp_path / "cache"))
+    calls = []
+    sample = calibration.self_generated_windows
+    monkeypatch.setattr(calibration, "self_generated_windows", lambda *a, **k: calls.append(1) or sample(*a, **k))
+    loaded = load_model(str(STORIES))
+    first, src = bundle_mod.quality_windows(loaded, windows=2, seqlen=16, progress=False)
+    again, _ = bundle_mod.quality_windows(loaded, windows=2, seqlen=16, progress=False)
+    assert len(calls) == 1 and torch.equal(first, again) and first.shape == (2, 16)
+    assert src == {"text": "self-generated", "seed": bundle_mod.QUALITY_SEED, "windows": 2, "seqlen": 16}
+    # other settings or other weights: sampled anew; a damaged entry: sampled again, rewritten
+    bundle_mod.quality_windows(loaded, windows=3, seqlen=16, progress=False)
+    with torch.no_grad():
+        next(loaded.model.parameters()).add_(0.01)
+    bundle_mod.quality_windows(loaded, windows=2, seqlen=16, progress=False)
+    assert len(calls) == 3
+    entries = sorted((tmp_path / "cache" / "quality").glob("*.pt"))
+    assert len(entries) == 3 and not list((tmp_path / "cache" / "quality").glob(".*tmp*"))
+    for e in entries:
+        e.write_bytes(b"damaged")
+    bundle_mod.quality_windows(loaded, windows=2, seqlen=16, progress=False)
+    bundle_mod.quality_windows(loaded, windows=2, seqlen=16, progress=False)
+    assert len(calls) == 4  # resampled once, then read from the rewritten entry
+
+
 def test_context_longer_than_model_is_refused():
     from fasp_edge.errors import InvalidArgument
 

@@ -10,11 +10,14 @@ every artifact was verified: it is complete and verified, or absent.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import time
@@ -170,13 +173,18 @@ def _artifact_parity(model, step_fn, prompt: torch.Tensor, steps: int) -> dict:
 
 
 def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: int = QUALITY_WINDOWS,
-                    seqlen: int = QUALITY_SEQLEN, progress: bool = True) -> tuple[torch.Tensor, dict]:
+                    seqlen: int = QUALITY_SEQLEN, weights_sha256: str | None = None,
+                    progress: bool = True) -> tuple[torch.Tensor, dict]:
     """The token windows an artifact's quality is measured on, and where they come from.
 
     The first ``windows`` windows of ``text`` (the perplexity protocol: tokenized without special tokens,
     non-overlapping), or, without text, ``windows`` sequences the model writes itself from BOS (seeded).
+    Self-written windows are kept in the user cache (:func:`self_written_cache`), keyed by the model's
+    weights and the sampling settings: every other export of the same model (another format or precision,
+    the 3 exports per model of a ``fasp-edge run``) reads them instead of sampling them again (~70 s for
+    SmolLM2-135M on 2 cores).
     """
-    from ..pipeline.calibration import self_generated_windows, tokenize_text
+    from ..pipeline.calibration import SELF_TEMPERATURE, self_generated_windows, tokenize_text
 
     if text is not None:
         ids = tokenize_text(loaded.tokenizer, text)
@@ -185,9 +193,64 @@ def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: in
             raise InvalidArgument(f"the quality text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
                                   "give a longer --quality-text file")
         return ids[: n * seqlen].reshape(n, seqlen), {"text": "given", "windows": n, "seqlen": seqlen}
-    cal = self_generated_windows(loaded.model, loaded.tokenizer, nsamples=windows, seqlen=seqlen, seed=QUALITY_SEED,
-                                 batch_size=windows, progress=progress)
-    return cal.windows, {"text": "self-generated", "seed": QUALITY_SEED, "windows": windows, "seqlen": seqlen}
+    source = {"text": "self-generated", "seed": QUALITY_SEED, "windows": windows, "seqlen": seqlen}
+    tok = loaded.tokenizer
+    key = {**source, "temperature": SELF_TEMPERATURE, "start": [tok.bos_token_id, tok.eos_token_id],
+           "weights_sha256": weights_sha256 or state_dict_sha256(loaded.model), "torch": torch.__version__}
+    with self_written_cache(key) as cache:
+        if cache.windows is None:
+            cache.windows = self_generated_windows(loaded.model, tok, nsamples=windows, seqlen=seqlen,
+                                                   seed=QUALITY_SEED, batch_size=windows, progress=progress).windows
+    return cache.windows, source
+
+
+@dataclass
+class _CacheEntry:
+    path: Path
+    windows: torch.Tensor | None
+
+
+@contextlib.contextmanager
+def self_written_cache(key: dict):
+    """A cache entry for self-written token windows: ``<cache>/quality/<sha256 of key>.pt``, holding the
+    windows and the key itself (checked on read). The entry is locked while the block runs, so two exports
+    of one model side by side sample once; ``entry.windows`` set in the block is written through a temporary
+    file and a rename. A missing, unreadable or mismatching entry is sampled again."""
+    from ..models.loading import cache_dir
+
+    blob = json.dumps(key, sort_keys=True)
+    folder = cache_dir() / "quality"
+    path = folder / f"{hashlib.sha256(blob.encode()).hexdigest()}.pt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"{path.stem}.lock", "w")
+    except OSError:  # a read-only cache: sample every time
+        entry = _CacheEntry(path, None)
+        yield entry
+        return
+    with lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no advisory lock; at worst both processes sample
+            pass
+        entry = _CacheEntry(path, None)
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved.get("key") == blob:
+                entry.windows = saved["windows"]
+        except Exception:  # noqa: BLE001  (absent or damaged: sample again)
+            pass
+        had = entry.windows is not None
+        yield entry
+        if not had and entry.windows is not None:
+            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            try:
+                torch.save({"key": blob, "windows": entry.windows}, tmp)
+                os.replace(tmp, path)
+            except OSError:
+                tmp.unlink(missing_ok=True)
 
 
 def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = True) -> dict:
@@ -257,10 +320,12 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                 "parity_prefill": parity_prefill, "parity_steps": parity_steps}
     if quant == "8da4w":
         settings["recipe"] = dataclasses.asdict(recipe)
+    weights_sha256 = state_dict_sha256(model)
     quality_set, quality_source = None, None
     if quality_windows_count > 0:
         quality_set, quality_source = quality_windows(loaded, text=quality_text, windows=quality_windows_count,
-                                                      seqlen=min(QUALITY_SEQLEN, max_context), progress=progress)
+                                                      seqlen=min(QUALITY_SEQLEN, max_context),
+                                                      weights_sha256=weights_sha256, progress=progress)
         settings["quality"] = quality_source
     artifacts: dict[str, dict] = {}
     steps = tqdm(total=len(formats) + 1, desc="export", disable=not progress)
@@ -304,7 +369,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                 "layers": dims,
                 "vocab_size": cfg.vocab_size,
                 "parameters": count_parameters(model),
-                "weights_sha256": state_dict_sha256(model),  # ties the bundle to its PyTorch model (bench --backends torch)
+                "weights_sha256": weights_sha256,  # ties the bundle to its PyTorch model (bench --backends torch)
             },
             "max_context": max_context,
             "tokenizer": tok,
