@@ -103,12 +103,13 @@ def main() -> None:
              "vs transformers over a 64-token prefill + 32 greedy decode steps; quality = the artifact through its own "
              "runtime on 4 x 512 tokens of WikiText-2 test, teacher-forced, against the PyTorch model it was made from "
              "(`python benchmarks/export.py`). Before = the export that landed before the delegated decoder.", "",
-             "| model | artifact | model file(s) MB (before) | export s (before) | partitions | parity max abs diff | "
-             "perplexity vs PyTorch | top-1 agreement |", "|---|---|---|---|---|---|---|---|"]
+             "| model | artifact | model file(s) MB (before) | export s (before) | lowering s | partitions | delegated nodes "
+             "| parity max abs diff | perplexity vs PyTorch | top-1 agreement |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, q, low = r["before"], r["quality"] or {}, r["lowering"] or {}
         lines.append(f"| {r['model']} | {r['variant']} | {r['model_bytes'] / 1e6:.1f} ({b['model_mb'] or '–'}) | "
-                     f"{r['export_seconds']:.0f} ({b['export_seconds'] or '–'}) | {low.get('delegate_partitions', '–')} | "
+                     f"{r['export_seconds']:.0f} ({b['export_seconds'] or '–'}) | {low.get('lowering_seconds', '–')} | "
+                     f"{low.get('delegate_partitions', '–')} | {low.get('delegated_nodes', '–')} | "
                      f"{r['parity']['max_abs_diff']:.2e} | {q.get('perplexity_ratio', float('nan')):.3f}x | "
                      f"{q.get('top1_agreement', float('nan')):.3f} |")
     lines += ["", *(f"- {k}: {v:.3f}" for k, v in bars.items())]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 from fasp_edge.errors import InvalidArgument
 from fasp_edge.export.decoder import ExportDecoder
-from fasp_edge.export.quantize import (QuantizedEmbedding, Recipe, asymmetric_4bit, linear_schemes, quantize_decoder,
-                                      to_group_offset)
+from fasp_edge.export.quantize import (GroupSum, QuantizedEmbedding, Recipe, asymmetric_4bit, linear_schemes,
+                                      quantize_decoder, to_group_offset)
 
 from .conftest import MODEL_BUILDERS, random_windows
 
@@ -80,6 +82,39 @@ def test_quantize_decoder_follows_the_recipe():
         decoder.reset_cache()
         got = decoder(prompt, torch.tensor([0]))
     assert torch.isfinite(got).all() and got.shape == ref.shape  # closeness: see the stories260K export test
+
+
+def test_siblings_share_one_group_sum_exactly():
+    """q/k/v and gate/up compute their group sums once (one exported Linear, not three), with the same logits."""
+    from fasp_edge.export.executorch import _Forward
+
+    decoder = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64, cache="static").eval()
+    quantize_decoder(decoder)
+    blk = decoder.blocks[0]
+    assert blk.attn.q_proj.group_sum is blk.attn.k_proj.group_sum is blk.attn.v_proj.group_sum
+    assert blk.gate_proj.group_sum is blk.up_proj.group_sum
+    assert blk.attn.o_proj.group_sum is not blk.attn.q_proj.group_sum
+    apart = copy.deepcopy(decoder)
+    for mod in apart.modules():  # the same Linears, each with a group sum of its own
+        if hasattr(mod, "group_sum"):
+            mod.group_sum = GroupSum(mod.main.in_features)
+    prompt = random_windows(1, 9, seed=4)
+    outs = []
+    with torch.no_grad():
+        for d in (decoder, apart):
+            d.reset_cache()
+            outs.append(torch.cat([d(prompt, torch.tensor([0])), d(prompt[:, :1], torch.tensor([9]))]))
+    assert torch.equal(outs[0], outs[1])
+
+    def group_sum_nodes(d):
+        ep = torch.export.export(_Forward(d), (torch.zeros(1, 2, dtype=torch.long), torch.tensor([0])), strict=False)
+        sums = {n.name for n in ep.graph.nodes if n.op == "placeholder" and "group_sum" in n.name}
+        return sum(1 for n in ep.graph.nodes if n.op == "call_function" and any(a.name in sums for a in n.args
+                                                                                if hasattr(a, "name")))
+
+    n = len(decoder.blocks)
+    # 4-bit per layer: q, k, v, o, gate, up (down's 48 inputs fall back to 8-bit), reading 3 tensors
+    assert group_sum_nodes(decoder) == 3 * n and group_sum_nodes(apart) == 6 * n
 
 
 @pytest.mark.parametrize("field,value,needle", [("qparams", "nf4", "qparams"), ("lm_head", "2bit", "LM head"),
