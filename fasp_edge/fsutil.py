@@ -57,12 +57,24 @@ def atomic_output_dir(path: str | os.PathLike, overwrite: bool = False) -> Itera
         raise
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file through a temporary sibling and a rename: the file is the old one or the new one."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; it replaces ``path`` only if the block finishes (the
+    file is the old one or the new one, never half-written); on an error it is removed."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def _apply_umask(path: Path, mode: int) -> None:

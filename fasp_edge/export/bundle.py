@@ -10,14 +10,12 @@ every artifact was verified: it is complete and verified, or absent.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 import platform
 import shutil
 import time
@@ -29,7 +27,7 @@ from typing import Any
 import torch
 
 from ..errors import FaspError, InvalidArgument
-from ..fsutil import atomic_output_dir, check_output_dir, sha256_file, state_dict_sha256
+from ..fsutil import atomic_file, atomic_output_dir, check_output_dir, sha256_file, state_dict_sha256
 from ..models import family_for
 from ..models.base import count_parameters
 from ..models.loading import LoadedModel, save_tokenizer, sentencepiece_file
@@ -179,10 +177,10 @@ def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: in
 
     The first ``windows`` windows of ``text`` (the perplexity protocol: tokenized without special tokens,
     non-overlapping), or, without text, ``windows`` sequences the model writes itself from BOS (seeded).
-    Self-written windows are kept in the user cache (:func:`self_written_cache`), keyed by the model's
+    Self-written windows are kept in the user cache (:func:`cached_self_written`), keyed by the model's
     weights and the sampling settings: every other export of the same model (another format or precision,
-    the 3 exports per model of a ``fasp-edge run``) reads them instead of sampling them again (~70 s for
-    SmolLM2-135M on 2 cores).
+    e.g. a ``fasp-edge run``'s ONNX export after its 4-bit one) reads them instead of sampling them again
+    (~70 s for SmolLM2-135M on 2 cores).
     """
     from ..pipeline.calibration import SELF_TEMPERATURE, self_generated_windows, tokenize_text
 
@@ -197,25 +195,16 @@ def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: in
     tok = loaded.tokenizer
     key = {**source, "temperature": SELF_TEMPERATURE, "start": [tok.bos_token_id, tok.eos_token_id],
            "weights_sha256": weights_sha256 or state_dict_sha256(loaded.model), "torch": torch.__version__}
-    with self_written_cache(key) as cache:
-        if cache.windows is None:
-            cache.windows = self_generated_windows(loaded.model, tok, nsamples=windows, seqlen=seqlen,
-                                                   seed=QUALITY_SEED, batch_size=windows, progress=progress).windows
-    return cache.windows, source
+    return cached_self_written(key, lambda: self_generated_windows(
+        loaded.model, tok, nsamples=windows, seqlen=seqlen, seed=QUALITY_SEED, batch_size=windows,
+        progress=progress).windows), source
 
 
-@dataclass
-class _CacheEntry:
-    path: Path
-    windows: torch.Tensor | None
-
-
-@contextlib.contextmanager
-def self_written_cache(key: dict):
-    """A cache entry for self-written token windows: ``<cache>/quality/<sha256 of key>.pt``, holding the
-    windows and the key itself (checked on read). The entry is locked while the block runs, so two exports
-    of one model side by side sample once; ``entry.windows`` set in the block is written through a temporary
-    file and a rename. A missing, unreadable or mismatching entry is sampled again."""
+def cached_self_written(key: dict, sample) -> torch.Tensor:
+    """``sample()``'s token windows, kept in ``<cache>/quality/<sha256 of key>.pt`` with the key itself (checked
+    on read). The entry is locked while it is read or sampled, so two exports of one model side by side sample
+    once; it is written through :func:`~fasp_edge.fsutil.atomic_file`. A missing, unreadable or mismatching entry
+    is sampled again; a cache that cannot be written is skipped."""
     from ..models.loading import cache_dir
 
     blob = json.dumps(key, sort_keys=True)
@@ -225,9 +214,7 @@ def self_written_cache(key: dict):
         folder.mkdir(parents=True, exist_ok=True)
         lock = open(folder / f"{path.stem}.lock", "w")
     except OSError:  # a read-only cache: sample every time
-        entry = _CacheEntry(path, None)
-        yield entry
-        return
+        return sample()
     with lock:
         try:
             import fcntl
@@ -235,22 +222,19 @@ def self_written_cache(key: dict):
             fcntl.flock(lock, fcntl.LOCK_EX)
         except ImportError:  # Windows: no advisory lock; at worst both processes sample
             pass
-        entry = _CacheEntry(path, None)
         try:
             saved = torch.load(path, weights_only=True)
             if saved.get("key") == blob:
-                entry.windows = saved["windows"]
+                return saved["windows"]
         except Exception:  # noqa: BLE001  (absent or damaged: sample again)
             pass
-        had = entry.windows is not None
-        yield entry
-        if not had and entry.windows is not None:
-            tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-            try:
-                torch.save({"key": blob, "windows": entry.windows}, tmp)
-                os.replace(tmp, path)
-            except OSError:
-                tmp.unlink(missing_ok=True)
+        windows = sample()
+        try:
+            with atomic_file(path) as tmp:
+                torch.save({"key": blob, "windows": windows}, tmp)
+        except OSError:
+            pass
+        return windows
 
 
 def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = True) -> dict:

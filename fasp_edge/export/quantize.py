@@ -211,10 +211,8 @@ def to_group_offset(lin: nn.Linear, group: int = GROUP_SIZE) -> GroupOffsetLinea
 SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def share_group_sums(decoder: nn.Module) -> int:
-    """Let the :class:`GroupOffsetLinear` siblings of :data:`SIBLINGS` share one :class:`GroupSum`; returns how
-    many groups now share one."""
-    shared = 0
+def share_group_sums(decoder: nn.Module) -> None:
+    """Let the :class:`GroupOffsetLinear` siblings of :data:`SIBLINGS` share one :class:`GroupSum`."""
     for mod in decoder.modules():
         kids = dict(mod.named_children())
         for names in SIBLINGS:
@@ -222,8 +220,6 @@ def share_group_sums(decoder: nn.Module) -> int:
             if len(group) > 1 and len({g.main.in_features for g in group}) == 1:
                 for g in group[1:]:
                     g.group_sum = group[0].group_sum
-                shared += 1
-    return shared
 
 
 # ---------------------------------------------------------------------------------------------- embedding
