@@ -175,33 +175,74 @@ def test_quantized_embedding_exports_and_runs(tmp_path):
 
 @pytest.mark.parametrize("build,quant", [("llama-gqa", True), ("opt", False), ("opt", True)],
                          ids=["llama-8da4w", "opt-fp32", "opt-8da4w"])
-def test_lean_xnnpack_passes_lower_what_the_full_list_does(tmp_path, monkeypatch, build, quant):
-    """export_pte runs 5 of XNNPACK's 17 preprocess passes: the same partitions, the same logits, the same files
-    (XNNPACK's weights in the .ptd), and the pass manager is XNNPACK's own again afterwards."""
+def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, build, quant):
+    """export_pte runs 5 of XNNPACK's 17 preprocess passes and one decomposition pass instead of three: the same
+    partitions, the same logits, the same files (XNNPACK's weights in the .ptd; one decomposition pass: the same
+    bytes), and ExecuTorch's own pass manager and edge-manager builder are back in place afterwards."""
     import contextlib
+    import hashlib
+    import sys
 
     import executorch.backends.xnnpack.xnnpack_preprocess as preprocess
+    from executorch.exir.program import _program
 
     from fasp_edge.export import executorch as et
     from fasp_edge.export.quantize import quantize_decoder
 
-    default = preprocess.XNNPACKPassManager
+    default, builder = preprocess.XNNPACKPassManager, _program._gen_edge_manager_for_partitioners
+    calls, decompose = [], _program.ExportedProgram.run_decompositions
+
+    def counted(self, *args, **kwargs):  # only the edge-manager builder's passes (XNNPACK's own patterns call to_edge)
+        if sys._getframe(1).f_code.co_name in ("_gen_edge_manager_for_partitioners", "one_pass"):
+            calls.append(1)
+        return decompose(self, *args, **kwargs)
+
+    monkeypatch.setattr(_program.ExportedProgram, "run_decompositions", counted)
     model = _pruned(MODEL_BUILDERS[build])
     seq = random_windows(1, 10, seed=4)
     runs = {}
-    for mode in ("lean", "full"):
-        if mode == "full":
+    for mode in ("lean", "one-pass", "full"):
+        if mode == "one-pass":  # ExecuTorch's XNNPACK passes, our decomposition
             monkeypatch.setattr(et, "_lean_xnnpack_passes", contextlib.nullcontext)
+        if mode == "full":
+            monkeypatch.setattr(et, "_one_decomposition_pass", contextlib.nullcontext)
         decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
         if quant:
             quantize_decoder(decoder)
+        calls.clear()
         info = export_pte(decoder, tmp_path / f"{mode}.pte", runner_metadata(decoder, 2, [2]), data_file=f"{mode}.ptd")
-        assert preprocess.XNNPACKPassManager is default
+        assert preprocess.XNNPACKPassManager is default and _program._gen_edge_manager_for_partitioners is builder
         logits = PteModel(tmp_path / f"{mode}.pte", data_path=tmp_path / f"{mode}.ptd").step(seq, 0)
-        runs[mode] = (info, logits)
-    (lean, lean_logits), (full, full_logits) = runs["lean"], runs["full"]
+        digest = {f: hashlib.sha256((tmp_path / f"{mode}.{f}").read_bytes()).hexdigest() for f in ("pte", "ptd")}
+        runs[mode] = (info, logits, digest, len(calls))
+    (lean, lean_logits, _, lean_calls), (one, _, one_digest, one_calls), (full, full_logits, full_digest, full_calls) = \
+        runs["lean"], runs["one-pass"], runs["full"]
+    assert (lean_calls, one_calls, full_calls) == (1, 1, 3)
+    assert one_digest == full_digest
     assert lean["delegate_partitions"] == full["delegate_partitions"]
     assert lean["non_delegated_ops"] == full["non_delegated_ops"]
     assert torch.equal(lean_logits, full_logits)
     assert lean["files"]["lean.ptd"] == full["files"]["full.ptd"]
     assert abs(lean["files"]["lean.pte"] - full["files"]["full.pte"]) < 4096, (lean["files"], full["files"])
+
+
+def test_one_decomposition_pass_falls_back_when_the_partitioner_declines_a_kept_op(tmp_path, monkeypatch):
+    """If XNNPACK's filter rejects a node of an op it asks to keep undecomposed, ExecuTorch's own three-pass
+    path builds the edge program (the one pass would leave that node undecomposed and undelegated)."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir.program import _program
+
+    stock = _program._gen_edge_manager_for_partitioners
+    used = []
+    monkeypatch.setattr(_program, "_gen_edge_manager_for_partitioners",
+                        lambda *a, **k: used.append("stock") or stock(*a, **k))
+    real = XnnpackPartitioner.ops_to_not_decompose
+
+    def declining(self, ep):
+        ops, check = real(self, ep)
+        return ops, (lambda node: False)
+
+    monkeypatch.setattr(XnnpackPartitioner, "ops_to_not_decompose", declining)
+    decoder = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=MAX_CONTEXT, cache="static").eval()
+    export_pte(decoder, tmp_path / "m.pte", runner_metadata(decoder, 2, [2]))
+    assert used == ["stock"]

@@ -146,6 +146,54 @@ def _lean_xnnpack_passes():
         xnnpack_preprocess.XNNPACKPassManager = XNNPACKPassManager
 
 
+@contextlib.contextmanager
+def _one_decomposition_pass():
+    """Within the block, ``to_edge_transform_and_lower`` decomposes the exported program once, not three times.
+
+    executorch 1.4.1's ``_gen_edge_manager_for_partitioners`` runs ``run_decompositions`` three times for a
+    partitioner that filters the ops it keeps undecomposed (XNNPACK's does): once to functionalize, once with
+    the kept ops out of the table, then, after renaming the kept nodes its filter accepts, once more with the
+    whole table. Each pass re-traces every node under fake tensors (SmolLM2 cut to 6 layers, 8da4w: 21 s of a
+    53 s lowering). When the filter accepts every node of the kept ops, as it does for our decoders, the three
+    passes produce what one pass with those ops out of the table does (the same .pte and .ptd bytes; 35 s).
+    Otherwise, or if the internals it uses are missing, ExecuTorch's own path runs.
+    """
+    from executorch.exir.program import _program
+
+    stock = getattr(_program, "_gen_edge_manager_for_partitioners", None)
+    needed = ("_default_decomposition_table", "_generate_edge_program", "_remove_invalid_ops_for_not_decompose",
+              "EdgeProgramManager")
+    if stock is None or not all(hasattr(_program, n) for n in needed):
+        yield
+        return
+
+    def one_pass(partitioner, aten_programs, config, constant_methods, generate_etrecord=False):
+        if generate_etrecord or partitioner is None or any(len(partitioner.get(n, [])) != 1 for n in aten_programs):
+            return stock(partitioner, aten_programs, config, constant_methods, generate_etrecord)
+        edge, kept = {}, set()
+        for name, program in aten_programs.items():
+            (part,) = partitioner[name]
+            ops, check = part.ops_to_not_decompose(program)
+            if check is not None:
+                ops = _program._remove_invalid_ops_for_not_decompose(ops)
+            table = _program._default_decomposition_table()
+            keep = [op for op in ops if table.pop(op, None) is not None]
+            decomposed = program.run_decompositions(table)
+            if check is not None and not all(check(node) for node in decomposed.graph.nodes
+                                             if node.op == "call_function" and node.target in keep):
+                return stock(partitioner, aten_programs, config, constant_methods, generate_etrecord)
+            edge[name] = _program._generate_edge_program(config, decomposed, preserve_ops=keep)
+            kept.update(keep)
+        config._core_aten_ops_exception_list = list(set(config._core_aten_ops_exception_list) | kept)
+        return _program.EdgeProgramManager(edge, constant_methods, config, list(kept))
+
+    _program._gen_edge_manager_for_partitioners = one_pass
+    try:
+        yield
+    finally:
+        _program._gen_edge_manager_for_partitioners = stock
+
+
 def _tag_delegate_constants(ep, tag: str) -> None:
     """Tag every weight and constant of ``ep`` (not the mutable KV cache) for the delegate's external data
     ``tag``: the ``delegate_constant_tag`` that ExecuTorch's ``delegate_external_constants_pass_unlifted`` puts
@@ -195,7 +243,7 @@ def export_pte(decoder: ExportDecoder, path: str | Path, metadata: dict, *, data
             ep = torch.export.export(_Forward(decoder), example, dynamic_shapes=shapes, strict=False)
         if tag is not None:
             _tag_delegate_constants(ep, tag)
-        with _lean_xnnpack_passes():
+        with _lean_xnnpack_passes(), _one_decomposition_pass():
             edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
                                                compile_config=EdgeCompileConfig(_check_ir_validity=False),
                                                constant_methods=metadata)
