@@ -176,9 +176,10 @@ def test_quantized_embedding_exports_and_runs(tmp_path):
 @pytest.mark.parametrize("build,quant", [("llama-gqa", True), ("opt", False), ("opt", True)],
                          ids=["llama-8da4w", "opt-fp32", "opt-8da4w"])
 def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, build, quant):
-    """export_pte runs 5 of XNNPACK's 17 preprocess passes and one decomposition pass instead of three: the same
-    partitions, the same logits, the same files (XNNPACK's weights in the .ptd; one decomposition pass: the same
-    bytes), and ExecuTorch's own pass manager and edge-manager builder are back in place afterwards."""
+    """export_pte runs 5 of XNNPACK's 17 preprocess passes, one decomposition pass instead of three and only the
+    edge passes that have a node to rewrite: the same partitions, the same logits, the same files (XNNPACK's
+    weights in the .ptd; one decomposition pass and gated edge passes: the same bytes), and ExecuTorch's own pass
+    manager and edge-manager builder are back in place afterwards."""
     import contextlib
     import hashlib
     import sys
@@ -190,6 +191,7 @@ def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, b
     from fasp_edge.export.quantize import quantize_decoder
 
     default, builder = preprocess.XNNPACKPassManager, _program._gen_edge_manager_for_partitioners
+    edge_passes = _program._get_aten_to_edge_passes
     calls, decompose = [], _program.ExportedProgram.run_decompositions
 
     def counted(self, *args, **kwargs):  # only the edge-manager builder's passes (XNNPACK's own patterns call to_edge)
@@ -206,12 +208,14 @@ def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, b
             monkeypatch.setattr(et, "_lean_xnnpack_passes", contextlib.nullcontext)
         if mode == "full":
             monkeypatch.setattr(et, "_one_decomposition_pass", contextlib.nullcontext)
+            monkeypatch.setattr(et, "_applicable_edge_passes", contextlib.nullcontext)
         decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
         if quant:
             quantize_decoder(decoder)
         calls.clear()
         info = export_pte(decoder, tmp_path / f"{mode}.pte", runner_metadata(decoder, 2, [2]), data_file=f"{mode}.ptd")
         assert preprocess.XNNPACKPassManager is default and _program._gen_edge_manager_for_partitioners is builder
+        assert _program._get_aten_to_edge_passes is edge_passes
         logits = PteModel(tmp_path / f"{mode}.pte", data_path=tmp_path / f"{mode}.ptd").step(seq, 0)
         digest = {f: hashlib.sha256((tmp_path / f"{mode}.{f}").read_bytes()).hexdigest() for f in ("pte", "ptd")}
         runs[mode] = (info, logits, digest, len(calls))
@@ -224,6 +228,63 @@ def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, b
     assert torch.equal(lean_logits, full_logits)
     assert lean["files"]["lean.ptd"] == full["files"]["full.ptd"]
     assert abs(lean["files"]["lean.pte"] - full["files"]["full.pte"]) < 4096, (lean["files"], full["files"])
+
+
+class _EdgePassCases(nn.Module):
+    def forward(self, x, i):
+        same = x + x * x  # tensors of one dtype: nothing to rewrite
+        scalar = x * 2.5  # a Python number for a Tensor argument
+        mixed = x + i  # float + int64
+        symbol = x * x.shape[1]  # a SymInt for a Tensor argument (dynamic dim)
+        return same, scalar, mixed, symbol, x.t()
+
+
+@pytest.mark.parametrize("case", ["same", "scalar", "mixed", "symbol", "t"])
+def test_edge_pass_gates_skip_only_passes_that_change_nothing(case):
+    """A gated ExecuTorch edge pass is skipped exactly where running it would leave the graph's operators as
+    they are; where it would rewrite a node, it runs."""
+    import copy
+
+    from executorch.exir import passes as exir_passes
+    from executorch.exir.passes.remove_mixed_type_operators import RemoveMixedTypeOperators
+
+    from fasp_edge.export.executorch import _EDGE_PASS_TARGETS, _IfAnyNodeApplies
+
+    index = ["same", "scalar", "mixed", "symbol", "t"].index(case)
+
+    class One(nn.Module):
+        def forward(self, x, i):
+            return _EdgePassCases()(x, i)[index]
+
+    x, i = torch.randn(3, 4), torch.arange(4)
+    ep = torch.export.export(One(), (x, i), dynamic_shapes=({1: torch.export.Dim("d", min=2, max=64)}, {0: torch.export.Dim("d", min=2, max=64)}),
+                             strict=False).run_decompositions({})
+    classes = {"RemoveMixedTypeOperators": RemoveMixedTypeOperators,
+               **{n: getattr(exir_passes, n) for n in _EDGE_PASS_TARGETS if n != "RemoveMixedTypeOperators"}}
+    def ops(gm):  # each node's kind and target, and the kinds of a call's arguments (a constant becoming a tensor)
+        return [(n.op, str(n.target) if n.op == "call_function" else "",
+                 [type(a).__name__ for a in n.args] if n.op == "call_function" else []) for n in gm.graph.nodes]
+
+    ran, gm = {}, copy.deepcopy(ep.graph_module)
+    for name, applies in _EDGE_PASS_TARGETS.items():  # in the order the edge program runs them
+        calls = []
+
+        def edge_pass(graph, _p=classes[name]()):
+            calls.append(1)
+            return _p(graph)
+
+        changed = ops(classes[name]()(copy.deepcopy(gm)).graph_module) != ops(gm)
+        result = _IfAnyNodeApplies(edge_pass, applies)(gm)
+        assert bool(calls) == changed, (case, name, ops(gm))
+        if not calls:
+            assert result.graph_module is gm and not result.modified
+        ran[name], gm = bool(calls), result.graph_module
+    expected = {"scalar": {"ScalarToTensorPass"}, "mixed": {"RemoveMixedTypeOperators"},
+                "symbol": {"SymToTensorPass"}}.get(case)
+    if expected is not None:
+        assert expected <= {n for n, r in ran.items() if r}, ran
+    if case == "same":
+        assert not any(ran.values()), ran
 
 
 def test_one_decomposition_pass_falls_back_when_the_partitioner_declines_a_kept_op(tmp_path, monkeypatch):
