@@ -30,8 +30,8 @@ def test_default_sets_and_documents_every_key():
     cfg = load_config()  # the default passes its own checks
     assert cfg.data == {**data, "output_dir": str(Path.cwd() / "runs")} and cfg.source == "the embedded default"
     assert cfg["prune"]["sparsities"] == [0.2]
-    assert cfg["export"]["artifacts"] == ["pte-8da4w", "onnx"]
-    assert cfg["export"]["dense_artifacts"] == ["pte-8da4w", "onnx"]  # a like-for-like reference per artifact
+    assert cfg["export"]["artifacts"] == ["pte-8da4w"]
+    assert cfg["export"]["dense_artifacts"] == ["pte-8da4w"]  # a like-for-like reference per artifact
     assert cfg["bench"]["profiles"] == ["hub", "phone-mid"]
 
 
