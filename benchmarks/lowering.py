@@ -41,16 +41,18 @@ def _stage_timer(seconds: dict, calls: collections.Counter):
     patched = []
 
     def wrap(owner, name, label):
+        """Time ``owner.name``; ``label`` is the stage's name, or a function of the call's first argument."""
         original = getattr(owner, name)
 
         @functools.wraps(original)
         def timed(*args, **kwargs):
+            key = label(args[0]) if callable(label) else label
             t0 = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
-                seconds[label] += time.perf_counter() - t0
-                calls[label] += 1
+                seconds[key] += time.perf_counter() - t0
+                calls[key] += 1
 
         setattr(owner, name, timed)
         patched.append((owner, name, original))
@@ -61,22 +63,10 @@ def _stage_timer(seconds: dict, calls: collections.Counter):
     wrap(XnnpackPartitioner, "partition", "XNNPACK partition")
     wrap(xnnpack_preprocess.XnnpackBackend, "preprocess", "XNNPACK preprocess (per partition)")
     wrap(_program.EdgeProgramManager, "to_executorch", "to_executorch")
-    original_call = pass_base._ExportPassBase.__call__
-
-    def pass_call(self, gm):
-        t0 = time.perf_counter()
-        try:
-            return original_call(self, gm)
-        finally:
-            label = f"pass {type(self).__name__}"
-            seconds[label] += time.perf_counter() - t0
-            calls[label] += 1
-
-    pass_base._ExportPassBase.__call__ = pass_call
+    wrap(pass_base._ExportPassBase, "__call__", lambda self: f"pass {type(self).__name__}")
     try:
         yield
     finally:
-        pass_base._ExportPassBase.__call__ = original_call
         for owner, name, original in reversed(patched):
             setattr(owner, name, original)
 

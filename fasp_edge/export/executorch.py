@@ -123,6 +123,17 @@ XNNPACK_PASSES = ("XNNPACKRemoveCloneOpsTransform", "DimOrderOpsRevertPass", "Co
 
 
 @contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    """Within the block, ``owner.name`` is ``value``; the original is put back however the block ends."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
 def _lean_xnnpack_passes():
     """Within the block, XNNPACK's ``preprocess`` runs only :data:`XNNPACK_PASSES` (executorch 1.4.1's pass manager
     has no public option for its pass list; if a later version lacks one of them, its full list runs)."""
@@ -139,11 +150,8 @@ def _lean_xnnpack_passes():
         def __init__(self, exported_program, passes=None):
             super().__init__(exported_program, passes=passes or lean)
 
-    xnnpack_preprocess.XNNPACKPassManager = LeanPassManager
-    try:
+    with _replaced(xnnpack_preprocess, "XNNPACKPassManager", LeanPassManager):
         yield
-    finally:
-        xnnpack_preprocess.XNNPACKPassManager = XNNPACKPassManager
 
 
 @contextlib.contextmanager
@@ -188,11 +196,8 @@ def _one_decomposition_pass():
         config._core_aten_ops_exception_list = list(set(config._core_aten_ops_exception_list) | kept)
         return _program.EdgeProgramManager(edge, constant_methods, config, list(kept))
 
-    _program._gen_edge_manager_for_partitioners = one_pass
-    try:
+    with _replaced(_program, "_gen_edge_manager_for_partitioners", one_pass):
         yield
-    finally:
-        _program._gen_edge_manager_for_partitioners = stock
 
 
 def _python_scalar_at_tensor_argument(node) -> bool:
@@ -208,18 +213,14 @@ def _symbol_at_tensor_argument(node) -> bool:
                for value, arg in _schema_arguments(node) if isinstance(arg.type, torch.TensorType))
 
 
-_PROMOTING_OPS = None
+_PROMOTING_OPS = {torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor, torch.ops.aten.sub.Tensor,
+                  torch.ops.aten.div.Tensor, torch.ops.aten.div.Tensor_mode, torch.ops.aten.minimum.default}
 
 
 def _mixed_dtype_operands(node) -> bool:
     """``RemoveMixedTypeOperators`` casts a Tensor argument of add/mul/sub/div/minimum whose dtype differs from the
     promoted one (the result's); with every Tensor argument a tensor of the result's dtype (or a symbol, which it
     leaves alone) it changes nothing."""
-    global _PROMOTING_OPS
-    if _PROMOTING_OPS is None:
-        aten = torch.ops.aten
-        _PROMOTING_OPS = {aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.Tensor, aten.div.Tensor_mode,
-                          aten.minimum.default}
     if node.target not in _PROMOTING_OPS or len(node.args) <= 1:
         return False
     out = node.meta.get("val")
@@ -234,14 +235,13 @@ def _mixed_dtype_operands(node) -> bool:
     return False
 
 
-def _schema_arguments(node):
-    """(value, schema argument) pairs of a node's arguments, matched as ExecuTorch's ``map_args`` matches them."""
-    args, kwargs = node.args, node.kwargs
-    for i, arg in enumerate(node.target._schema.arguments):
-        if arg.name in kwargs:
-            yield kwargs[arg.name], arg
-        elif not arg.kwarg_only and i < len(args):
-            yield args[i], arg
+def _schema_arguments(node) -> list:
+    """(value, schema argument) pairs of a node's arguments, as ExecuTorch's ``map_args`` hands them to the passes."""
+    from executorch.exir.pass_base import map_args
+
+    pairs = []
+    map_args(node.target, lambda value, arg: pairs.append((value, arg)) or value, tuple(node.args), dict(node.kwargs))
+    return pairs
 
 
 # ExecuTorch's edge passes that re-trace the whole program to rewrite a few kinds of node (each 4-6 s of a SmolLM2
@@ -302,11 +302,8 @@ def _applicable_edge_passes():
         return [_IfAnyNodeApplies(p, _EDGE_PASS_TARGETS[name(p)]) if name(p) in _EDGE_PASS_TARGETS else p
                 for p in pre], post
 
-    _program._get_aten_to_edge_passes = gated
-    try:
+    with _replaced(_program, "_get_aten_to_edge_passes", gated):
         yield
-    finally:
-        _program._get_aten_to_edge_passes = stock
 
 
 def _tag_delegate_constants(ep, tag: str) -> None:
