@@ -79,12 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "or int8 (onnx: dynamic int8 weights)")
     p.add_argument("--max-context", type=_positive_int, default=512, help="KV-cache length in tokens (default 512)")
     p.add_argument("--qparams", default=None, help="8da4w weight grid: asymmetric (default: min/max groups, exact on "
-                   "GGUF Q4 weights), hqq_scale_only or affine (torchao's symmetric ones)")
+                   "GGUF Q4 weights), gptq (symmetric, calibrated: smoothing + GPTQ), hqq_scale_only or affine (torchao's "
+                   "symmetric ones)")
+    p.add_argument("--keep-8bit", default=None, help="8da4w: comma-separated Linear names (suffixes, e.g. down_proj) "
+                   "kept at 8-bit per-channel weights")
     p.add_argument("--lm-head", default=None, help="8da4w LM head weights: 8bit (default) or 4bit")
     p.add_argument("--embedding-quant", default=None, help="8da4w token embedding: 8bit (default; a tied table shares the "
                    "8-bit LM head's bytes), 4bit (asymmetric groups of 32) or none (fp32)")
     p.add_argument("--quality-text", default=None, help="text file the artifacts' quality is measured on (e.g. "
                    "WikiText-2 test); default: text the model writes itself")
+    p.add_argument("--calib-text", default=None, help="8da4w with --qparams gptq: validation text its quantizer "
+                   "calibrates on (never the --quality-text); default: text the model writes itself")
+    p.add_argument("--calib-windows", default=None, help="8da4w with --qparams gptq: a torch file of token windows "
+                   "[n, T] to calibrate on instead (e.g. a fasp-edge run's calibration stage's windows.pt)")
     p.add_argument("--quality-windows", type=int, default=4, help="windows of 512 tokens fed through each artifact "
                    "to measure its quality against the PyTorch model (default 4; 0 skips)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
@@ -233,19 +240,36 @@ def _cmd_export(args: argparse.Namespace) -> int:
     check_export_arguments(formats, args.quant)
     given = {k: v for k, v in (("qparams", args.qparams), ("lm_head", args.lm_head),
                                ("embedding", args.embedding_quant)) if v is not None}
+    if args.keep_8bit is not None:
+        given["keep_8bit"] = [n.strip() for n in args.keep_8bit.split(",") if n.strip()]
     if given and args.quant != "8da4w":
-        raise InvalidArgument("--qparams, --lm-head and --embedding-quant apply to --quant 8da4w only")
+        raise InvalidArgument("--qparams, --lm-head, --embedding-quant and --keep-8bit apply to --quant 8da4w only")
     recipe = dataclasses.replace(DEFAULT_RECIPE, **given)
     recipe.check()
     if args.quality_windows < 0:
         raise InvalidArgument(f"--quality-windows must be >= 0, got {args.quality_windows}")
     text = read_text_file(args.quality_text) if args.quality_text else None
+    if (args.calib_text or args.calib_windows) and args.quant != "8da4w":
+        raise InvalidArgument("--calib-text and --calib-windows apply to --quant 8da4w only")
+    if args.calib_text and args.calib_windows:
+        raise InvalidArgument("give --calib-text or --calib-windows, not both")
+    calib = read_text_file(args.calib_text) if args.calib_text else None
+    windows = None
+    if args.calib_windows:
+        import torch
+
+        try:
+            windows = torch.load(args.calib_windows, weights_only=True)
+        except Exception as e:  # noqa: BLE001  (absent, not a torch file, not a tensor)
+            raise InvalidArgument(f"--calib-windows {args.calib_windows}: cannot read a tensor of token ids "
+                                  f"({type(e).__name__}); give the windows.pt of a calibration stage") from None
     check_output_dir(args.output, args.overwrite)
     loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     bundle = export_bundle(loaded, args.output, formats=formats, quant=args.quant, max_context=args.max_context,
                            overwrite=args.overwrite, recipe=recipe, quality_text=text,
-                           quality_windows_count=args.quality_windows, progress=not args.quiet)
+                           quality_windows_count=args.quality_windows, calibration_text=calib,
+                           calibration=windows, progress=not args.quiet)
     info = describe(bundle)
     par, qual = bundle.manifest["parity"], bundle.manifest.get("quality", {})
     parity = ", ".join(f"{k} max|Δ| {par[k]['max_abs_diff']:.1e}" for k in bundle.formats)

@@ -247,6 +247,34 @@ def test_pte_8da4w_keeps_stories260k_quality(tmp_path):
     assert lowering["delegate_partitions"] <= 2 * m["model"]["num_layers"]
 
 
+@needs_stories
+def test_pte_8da4w_calibrated_recipe_records_its_calibration(tmp_path):
+    """--qparams gptq: calibrated on windows the model writes itself (or on given windows), recorded in the
+    manifest, one 4-bit Linear per Linear, measured through the .pte; bad windows are refused in one line."""
+    from fasp_edge.errors import InvalidArgument
+    from fasp_edge.export.quantize import CALIBRATED_RECIPE
+
+    loaded = load_model(STORIES)
+    b = export_bundle(loaded, tmp_path / "q4", formats=["pte"], quant="8da4w", max_context=128, progress=False,
+                      quality_text=TINYSTORIES.read_text(), recipe=CALIBRATED_RECIPE)
+    m = b.manifest
+    assert m["export_settings"]["calibration"] == {"text": "self-generated", "seed": 0, "windows": 32, "seqlen": 128}
+    quant = m["artifacts"]["pte"]["quantization"]
+    assert quant["recipe"]["qparams"] == "gptq" and quant["calibration"]["windows"] == 32
+    assert all(k.endswith("down_proj") for k in quant["fallback_8bit"])
+    assert m["quality"]["pte"]["perplexity_ratio"] < 1.25, m["quality"]["pte"]
+    assert not any("group_sum" in k or "offset" in k for k in m["artifacts"]["pte"]["lowering"].get("non_delegated_ops", {}))
+    windows = torch.randint(0, loaded.model.config.vocab_size, (2, 16))
+    b = export_bundle(loaded, tmp_path / "q4w", formats=["pte"], quant="8da4w", max_context=128, progress=False,
+                      quality_windows_count=0, recipe=CALIBRATED_RECIPE, calibration=windows)
+    assert b.manifest["export_settings"]["calibration"] == {"text": "given windows", "windows": 2, "seqlen": 16}
+    for bad in (windows.float(), windows[0], windows + 10**6, torch.zeros(1, 200, dtype=torch.long)):
+        with pytest.raises(InvalidArgument):
+            export_bundle(loaded, tmp_path / "bad", formats=["pte"], quant="8da4w", max_context=128, progress=False,
+                          quality_windows_count=0, recipe=CALIBRATED_RECIPE, calibration=bad)
+        assert not (tmp_path / "bad").exists()
+
+
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     import fasp_edge.export.bundle as bundle_mod
 

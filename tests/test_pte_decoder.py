@@ -173,8 +173,8 @@ def test_quantized_embedding_exports_and_runs(tmp_path):
     assert (pte.step(seq, 0) - want).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("build,quant", [("llama-gqa", True), ("opt", False), ("opt", True)],
-                         ids=["llama-8da4w", "opt-fp32", "opt-8da4w"])
+@pytest.mark.parametrize("build,quant", [("llama-gqa", "gptq"), ("opt", None), ("opt", "asymmetric")],
+                         ids=["llama-8da4w-gptq", "opt-fp32", "opt-8da4w-asymmetric"])
 def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, build, quant):
     """export_pte runs 5 of XNNPACK's 17 preprocess passes, one decomposition pass instead of three and only the
     edge passes that have a node to rewrite: the same partitions, the same logits, the same files (XNNPACK's
@@ -188,7 +188,7 @@ def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, b
     from executorch.exir.program import _program
 
     from fasp_edge.export import executorch as et
-    from fasp_edge.export.quantize import quantize_decoder
+    from fasp_edge.export.quantize import Recipe, quantize_decoder
 
     default, builder = preprocess.XNNPACKPassManager, _program._gen_edge_manager_for_partitioners
     edge_passes = _program._get_aten_to_edge_passes
@@ -211,7 +211,7 @@ def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, b
             monkeypatch.setattr(et, "_applicable_edge_passes", contextlib.nullcontext)
         decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
         if quant:
-            quantize_decoder(decoder)
+            quantize_decoder(decoder, Recipe(qparams=quant), calibration=random_windows(4, 16, seed=1))
         calls.clear()
         info = export_pte(decoder, tmp_path / f"{mode}.pte", runner_metadata(decoder, 2, [2]), data_file=f"{mode}.ptd")
         assert preprocess.XNNPACKPassManager is default and _program._gen_edge_manager_for_partitioners is builder

@@ -1,4 +1,5 @@
-"""The 4-bit recipe: asymmetric groups on XNNPACK's symmetric kernel, the recipe's choices, bad input."""
+"""The 4-bit recipes: calibrated symmetric groups (smoothing + GPTQ, the default), asymmetric groups on XNNPACK's
+symmetric kernel, the recipe's choices, bad input."""
 
 from __future__ import annotations
 
@@ -10,10 +11,14 @@ from torch import nn
 
 from fasp_edge.errors import InvalidArgument
 from fasp_edge.export.decoder import ExportDecoder
-from fasp_edge.export.quantize import (GroupSum, QuantizedEmbedding, Recipe, asymmetric_4bit, linear_schemes,
-                                      quantize_decoder, to_group_offset)
+from fasp_edge.export.quantize import (CALIBRATED_RECIPE, GroupSum, QuantizedEmbedding, Recipe, asymmetric_4bit,
+                                      gptq_4bit, input_grams, linear_schemes, quantize_decoder, smooth,
+                                      to_group_offset)
 
 from .conftest import MODEL_BUILDERS, random_windows
+
+ASYM = Recipe(qparams="asymmetric")
+CALIB = random_windows(4, 16, seed=1)
 
 
 def _q4_1_weight(out: int = 16, k: int = 64, seed: int = 0) -> torch.Tensor:
@@ -65,19 +70,19 @@ def test_quantize_decoder_follows_the_recipe():
     with torch.no_grad():
         decoder.reset_cache()
         ref = decoder(prompt, torch.tensor([0]))
-    info = quantize_decoder(decoder, Recipe(embedding="4bit"))
+    info = quantize_decoder(decoder, Recipe(qparams="asymmetric", embedding="4bit"))
     assert info["embedding"] == "int4-g32-asymmetric" and info["lm_head"] == "8da8w-per-channel"
     assert info["linear_counts"]["8da4w-g32"] == 2 * 6 and info["recipe"]["qparams"] == "asymmetric"
     assert any(k.endswith("down_proj") for k in info["fallback_8bit"])
     assert isinstance(decoder.embed_tokens, QuantizedEmbedding) and decoder.embed_tokens.bits == 4
     # the default: a tied table takes the 8-bit head's own integer tensor (stored once in model.ptd)
     tied = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64).eval()
-    assert quantize_decoder(tied)["embedding"] == "int8-per-row, shared with the LM head"
+    assert quantize_decoder(tied, calibration=CALIB)["embedding"] == "int8-per-row, shared with the LM head"
     assert tied.embed_tokens.weight is tied.lm_head.weight_int
     untied = ExportDecoder(MODEL_BUILDERS["mistral"](), max_context=64).eval()
-    assert quantize_decoder(untied)["embedding"] == "int8-per-row"
+    assert quantize_decoder(untied, ASYM)["embedding"] == "int8-per-row"
     assert quantize_decoder(ExportDecoder(MODEL_BUILDERS["opt"](), max_context=64).eval(),
-                            Recipe(embedding="none"))["embedding"] == "float32"
+                            Recipe(qparams="asymmetric", embedding="none"))["embedding"] == "float32"
     with torch.no_grad():
         decoder.reset_cache()
         got = decoder(prompt, torch.tensor([0]))
@@ -89,7 +94,7 @@ def test_siblings_share_one_group_sum_exactly():
     from fasp_edge.export.executorch import _Forward
 
     decoder = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64, cache="static").eval()
-    quantize_decoder(decoder)
+    quantize_decoder(decoder, ASYM)
     blk = decoder.blocks[0]
     assert blk.attn.q_proj.group_sum is blk.attn.k_proj.group_sum is blk.attn.v_proj.group_sum
     assert blk.gate_proj.group_sum is blk.up_proj.group_sum
@@ -130,6 +135,7 @@ def test_cli_refuses_recipe_flags_without_8da4w(tmp_path, capsys):
     assert main(["export", "--formats", "pte", "--lm-head", "4bit", "-o", str(tmp_path / "b")]) == 2
     assert "apply to --quant 8da4w only" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+    assert main(["export", "--formats", "pte", "--keep-8bit", "down_proj", "-o", str(tmp_path / "b")]) == 2
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -166,7 +172,8 @@ def test_tied_8bit_table_is_stored_once_in_the_ptd(tmp_path):
     cfg = LlamaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
                       num_key_value_heads=1, intermediate_size=64, max_position_embeddings=64, tie_word_embeddings=True)
     decoder = ExportDecoder(LlamaForCausalLM(cfg).eval(), max_context=32, cache="static").eval()
-    assert quantize_decoder(decoder)["embedding"] == "int8-per-row, shared with the LM head"
+    calib = torch.randint(3, 8192, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert quantize_decoder(decoder, calibration=calib)["embedding"] == "int8-per-row, shared with the LM head"
     tokens = torch.tensor([[5, 8000, 17]])
     with torch.no_grad():
         decoder.reset_cache()
@@ -179,3 +186,82 @@ def test_tied_8bit_table_is_stored_once_in_the_ptd(tmp_path):
     assert info["non_delegated_ops"].get("quantized_decomposed_embedding_byte_default") == 1
     got = PteModel(tmp_path / "model.pte", data_path=tmp_path / "model.ptd").step(tokens, 0)
     assert got.argmax().item() == ref.argmax().item() and (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------- calibrated (gptq)
+def _logits(decoder, tokens):
+    with torch.no_grad():
+        decoder.reset_cache()
+        return decoder(tokens, torch.tensor([0]))
+
+
+@pytest.mark.parametrize("build", ["llama-gqa", "opt"])
+def test_smoothing_keeps_the_fp32_function_and_finds_an_outlier_channel(build):
+    """Smoothing only moves scale between a norm (or a producer Linear) and the Linears it feeds: the fp32 logits
+    stay; the Gram matrices it updates are those of the smoothed model's inputs; an input channel made 30x larger
+    than the rest (the function unchanged) is smoothed."""
+    model = MODEL_BUILDERS[build]()
+    decoder = ExportDecoder(model, max_context=64, cache="static", full_logits=True).eval()
+    blk = decoder.blocks[0]
+    norm = getattr(blk, "input_layernorm", None) or blk.self_attn_layer_norm
+    with torch.no_grad():  # an outlier input channel of q/k/v, the same function
+        norm.weight[3] *= 30
+        if getattr(norm, "bias", None) is not None:
+            norm.bias[3] *= 30
+        for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj):
+            lin.weight[:, 3] /= 30
+    tokens = random_windows(1, 12, seed=3)
+    ref = _logits(decoder, tokens)
+    lins = {n: m for n, m in decoder.named_modules() if isinstance(m, nn.Linear) and not n.endswith("lm_head")}
+    named = input_grams(decoder, CALIB, lins)
+    grams = {id(lins[n]): g for n, g in named.items()}
+    assert grams[id(blk.attn.q_proj)] is grams[id(blk.attn.v_proj)]  # siblings share one matrix
+    exponents = smooth(decoder, grams)
+    assert exponents[0] > 0  # the first pair: that norm and q/k/v
+    assert (_logits(decoder, tokens) - ref).abs().max() < 1e-4
+    fresh = input_grams(decoder, CALIB, lins)
+    for n, lin in lins.items():
+        assert torch.allclose(grams[id(lin)], fresh[n], rtol=1e-4, atol=1e-6 * fresh[n].abs().max().item()), n
+
+
+def test_gptq_4bit_is_on_the_kernels_grid_and_beats_rounding():
+    """GPTQ's integers lie in -8..7 with bf16 scales, and its output error on correlated inputs is below that of
+    rounding each group on its own (max/8 scales) and of rounding with the searched scales."""
+    from fasp_edge.export.quantize import _on_grid, searched_scales
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(24, 96, generator=g)
+    x = torch.randn(400, 96, generator=g) @ (torch.eye(96) + 0.4 * torch.randn(96, 96, generator=g))
+    gram = (x.T @ x).double()
+    q, d = gptq_4bit(w, gram)
+    assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7 and d.shape == (24, 3)
+    assert torch.equal(d, d.to(torch.bfloat16).float())
+    back = (q.float().reshape(24, 3, 32) * d[..., None]).reshape_as(w)
+    groups = w.reshape(24, 3, 32)
+    plain = _on_grid(groups, (groups.abs().amax(-1) / 8).to(torch.bfloat16).float()).reshape_as(w)
+    searched = _on_grid(groups, searched_scales(groups, (x ** 2).mean(0).reshape(3, 32))).reshape_as(w)
+
+    def err(wq):
+        return float(((x @ (wq - w).T) ** 2).sum())
+
+    assert err(back) < 0.8 * err(searched) < 0.8 * err(plain), (err(back), err(searched), err(plain))
+
+
+def test_gptq_recipe_calibrates_and_needs_windows():
+    decoder = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64, cache="static", full_logits=True).eval()
+    tokens = random_windows(1, 12, seed=3)
+    ref = _logits(decoder, tokens)
+    with pytest.raises(InvalidArgument, match="calib"):
+        quantize_decoder(copy.deepcopy(decoder), CALIBRATED_RECIPE)
+    info = quantize_decoder(decoder, CALIBRATED_RECIPE, calibration=CALIB)
+    assert info["recipe"]["qparams"] == "gptq" and info["calibration"]["windows"] == 4
+    assert info["calibration"]["pairs"] > 0 and info["linear_counts"]["8da4w-g32"] == 2 * 6
+    got = _logits(decoder, tokens)
+    assert torch.isfinite(got).all() and (got - ref).abs().max() < 0.5 * ref.abs().max()
+
+
+def test_cli_refuses_calib_text_without_8da4w(tmp_path, capsys):
+    from fasp_edge.cli import main
+
+    assert main(["export", "--formats", "pte", "--calib-text", "x.txt", "-o", str(tmp_path / "b")]) == 2
+    assert "--calib-text and --calib-windows apply to --quant 8da4w only" in capsys.readouterr().err

@@ -45,6 +45,9 @@ PTE_DATA_FILE = "model.ptd"  # the .pte's external constants (ExecuTorch named d
 QUALITY_WINDOWS = 4  # teacher-forced windows through each artifact's runtime ...
 QUALITY_SEQLEN = 512  # ... of this many tokens (or the context length, if shorter)
 QUALITY_SEED = 1234  # seed of self-written quality text (not the calibration seeds 0, or agreement's)
+CALIBRATION_WINDOWS = 32  # windows the calibrated 4-bit quantizer (--qparams gptq) gathers statistics on ...
+CALIBRATION_SEQLEN = 256  # ... of this many tokens (or the context length, if shorter) ...
+CALIBRATION_SEED = 0  # ... self-written with this seed when no --calib-text is given
 
 
 class BundleError(FaspError):
@@ -182,21 +185,48 @@ def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: in
     e.g. a ``fasp-edge run``'s ONNX export after its 4-bit one) reads them instead of sampling them again
     (~70 s for SmolLM2-135M on 2 cores).
     """
+    return _token_windows(loaded, text, windows, seqlen, QUALITY_SEED, weights_sha256, progress, "quality")
+
+
+def calibration_windows(loaded: LoadedModel, *, text: str | None = None, windows: int = CALIBRATION_WINDOWS,
+                        seqlen: int = CALIBRATION_SEQLEN, weights_sha256: str | None = None,
+                        progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """The token windows ``--qparams gptq`` calibrates on: the first windows of ``text`` (give validation text,
+    never the text quality is measured on), or text the model writes itself with :data:`CALIBRATION_SEED`
+    (another seed than the quality text's), cached like :func:`quality_windows`."""
+    return _token_windows(loaded, text, windows, seqlen, CALIBRATION_SEED, weights_sha256, progress, "calibration")
+
+
+def check_calibration_windows(windows, vocab_size: int, max_context: int) -> torch.Tensor:
+    """``windows`` as int64 ``[n, T]`` token ids, or a one-line error saying what is wrong with them."""
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0 \
+            or windows.dtype.is_floating_point or windows.dtype == torch.bool:
+        raise InvalidArgument("calibration windows must be a non-empty 2-D tensor of token ids [windows, tokens]")
+    if windows.shape[1] > max_context:
+        raise InvalidArgument(f"calibration windows of {windows.shape[1]} tokens exceed --max-context {max_context}")
+    if int(windows.min()) < 0 or int(windows.max()) >= vocab_size:
+        raise InvalidArgument(f"calibration windows hold token ids outside the model's vocabulary (0..{vocab_size - 1})")
+    return windows.long()
+
+
+def _token_windows(loaded: LoadedModel, text: str | None, windows: int, seqlen: int, seed: int,
+                   weights_sha256: str | None, progress: bool, what: str) -> tuple[torch.Tensor, dict]:
     from ..pipeline.calibration import SELF_TEMPERATURE, self_generated_windows, tokenize_text
 
     if text is not None:
         ids = tokenize_text(loaded.tokenizer, text)
         n = min(windows, ids.numel() // seqlen)
         if n < 1:
-            raise InvalidArgument(f"the quality text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
-                                  "give a longer --quality-text file")
+            flag = "--quality-text" if what == "quality" else "--calib-text"
+            raise InvalidArgument(f"the {what} text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                                  f"give a longer {flag} file")
         return ids[: n * seqlen].reshape(n, seqlen), {"text": "given", "windows": n, "seqlen": seqlen}
-    source = {"text": "self-generated", "seed": QUALITY_SEED, "windows": windows, "seqlen": seqlen}
+    source = {"text": "self-generated", "seed": seed, "windows": windows, "seqlen": seqlen}
     tok = loaded.tokenizer
     key = {**source, "temperature": SELF_TEMPERATURE, "start": [tok.bos_token_id, tok.eos_token_id],
            "weights_sha256": weights_sha256 or state_dict_sha256(loaded.model), "torch": torch.__version__}
     return cached_self_written(key, lambda: self_generated_windows(
-        loaded.model, tok, nsamples=windows, seqlen=seqlen, seed=QUALITY_SEED, batch_size=windows,
+        loaded.model, tok, nsamples=windows, seqlen=seqlen, seed=seed, batch_size=windows,
         progress=progress).windows), source
 
 
@@ -280,12 +310,16 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                   quant: str = "none", max_context: int = 512, overwrite: bool = False,
                   parity_prefill: int = 64, parity_steps: int = 32, recipe: Recipe | None = None,
                   quality_text: str | None = None, quality_windows_count: int = QUALITY_WINDOWS,
+                  calibration_text: str | None = None, calibration: torch.Tensor | None = None,
                   progress: bool = True) -> Bundle:
     """Export ``loaded`` (dense or pruned) into a verified bundle at ``out``.
 
     ``recipe`` says how ``quant="8da4w"`` quantizes (default :data:`~.quantize.DEFAULT_RECIPE`). Every
     artifact's quality is measured through its own runtime on ``quality_windows_count`` windows of
-    ``quality_text`` (or of text the model writes itself) and recorded in the manifest; 0 skips it.
+    ``quality_text`` (or of text the model writes itself) and recorded in the manifest; 0 skips it. A recipe
+    with ``qparams="gptq"`` calibrates on ``calibration`` (token windows ``[n, T]``, e.g. a ``fasp-edge run``'s
+    calibration stage's), else on :func:`calibration_windows` of ``calibration_text`` (validation text; without
+    it, text the model writes itself).
     """
     from tqdm.auto import tqdm
 
@@ -311,6 +345,16 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                                                       seqlen=min(QUALITY_SEQLEN, max_context),
                                                       weights_sha256=weights_sha256, progress=progress)
         settings["quality"] = quality_source
+    if quant != "8da4w" or recipe.qparams != "gptq":
+        calibration = None
+    elif calibration is not None:
+        calibration = check_calibration_windows(calibration, model.config.vocab_size, max_context)
+        settings["calibration"] = {"text": "given windows", "windows": calibration.shape[0],
+                                   "seqlen": calibration.shape[1]}
+    else:
+        calibration, settings["calibration"] = calibration_windows(
+            loaded, text=calibration_text, seqlen=min(CALIBRATION_SEQLEN, max_context),
+            weights_sha256=weights_sha256, progress=progress)
     artifacts: dict[str, dict] = {}
     steps = tqdm(total=len(formats) + 1, desc="export", disable=not progress)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -326,7 +370,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
             t0 = time.perf_counter()
             if fmt == "pte":
                 info, runtime = _export_pte_artifact(model, tmp, max_context, quant, prompt, parity_steps,
-                                                     loaded.tokenizer, recipe)
+                                                     loaded.tokenizer, recipe, calibration, progress)
             else:
                 info, runtime = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps)
             info["export_seconds"] = round(time.perf_counter() - t0, 2)
@@ -381,12 +425,12 @@ def _verify(kind: str, parity: dict, quant: str) -> None:
 
 
 def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int, tokenizer,
-                         recipe: Recipe):
+                         recipe: Recipe, calibration: torch.Tensor | None = None, progress: bool = False):
     from .executorch import PteModel, export_pte, runner_metadata
 
     src = copy.deepcopy(model) if quant != "none" else model
     decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
-    quantization = quantize_decoder(decoder, recipe) if quant == "8da4w" else None
+    quantization = quantize_decoder(decoder, recipe, calibration, progress) if quant == "8da4w" else None
     meta = runner_metadata(decoder, tokenizer.bos_token_id, eos_ids_of(model, tokenizer))
     # constants in model.ptd, where identical buffers are stored once: the tied embedding / LM head table
     # (fp32, or 8da4w's 8-bit head integers that the 8-bit embedding kernel reads too) is written once

@@ -198,7 +198,7 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         evaluation = _evaluate(state, dense_fp, pruned, eval_file, text_fps["evaluate"])
         state._dense = None  # the exports and the bench run in child processes
         del dense
-        bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned, eval_file, text_fps["evaluate"])
+        bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned, eval_file, text_fps["evaluate"], calib)
         from ..runtime_bench.measure import host_facts
 
         host = host_facts()
@@ -406,13 +406,17 @@ class _ExportJob:
     fp: str
 
 
-def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None, quality_fp: str | None) -> list[dict]:
+def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None, quality_fp: str | None,
+            calib: StageResult | None = None) -> list[dict]:
     cfg = state.cfg
     x = cfg["export"]
-    # each artifact's quality is measured through its runtime on the evaluation text (or on self-written text)
+    # each artifact's quality is measured through its runtime on the evaluation text (or on self-written text);
+    # a 4-bit export calibrates its quantizer on the run's calibration windows (else it samples its own)
     quality = {"quality_text": quality_fp}
+    calib_windows = calib.folder / "windows.pt" if calib is not None else None
     jobs = [_ExportJob(f"{m.label}-{a}", m, a, cfg.folder / "bundles" / f"{m.label}-{a}",
-                       fingerprint({"artifact": a, "max_context": x["max_context"], **quality}, [m.fingerprint]))
+                       fingerprint({"artifact": a, "max_context": x["max_context"], **quality},
+                                   [m.fingerprint] + ([calib.fingerprint] if calib and a == "pte-8da4w" else [])))
             for m in models for a in (x["dense_artifacts"] if m.path is None else x["artifacts"])]
     if not jobs:
         return []
@@ -442,6 +446,8 @@ def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None
                    "--max-context", str(x["max_context"]), "-o", str(work)]
             if quality_file:
                 cmd += ["--quality-text", str(quality_file)]
+            if quant == "8da4w" and calib_windows is not None:
+                cmd += ["--calib-windows", str(calib_windows)]
             log_file = tmp / "export.log"
             rc = children.run(cmd, _child_env(threads), log_file)
             if rc != 0:
