@@ -275,6 +275,22 @@ def test_pte_8da4w_calibrated_recipe_records_its_calibration(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@needs_stories
+def test_quantizer_windows_from_text_are_drawn_as_pruning_draws_them():
+    from fasp_edge.errors import InvalidArgument
+    from fasp_edge.export.bundle import quantizer_windows
+
+    loaded = load_model(STORIES)
+    text = TINYSTORIES.read_text()
+    got, source = quantizer_windows(loaded, text=text, windows=8, seqlen=64)
+    assert source == {"text": "given", "windows": 8, "seqlen": 64, "seed": 0}
+    assert torch.equal(got, calibration_windows(loaded.tokenizer, text=text, nsamples=8, seqlen=64, seed=0).windows)
+    few, source = quantizer_windows(loaded, text=text[:2000], windows=32, seqlen=64)
+    assert 1 <= few.shape[0] < 32 and source["windows"] == few.shape[0]  # a short text: fewer windows
+    with pytest.raises(InvalidArgument, match="--calib-text"):
+        quantizer_windows(loaded, text="once upon", seqlen=64)
+
+
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     import fasp_edge.export.bundle as bundle_mod
 

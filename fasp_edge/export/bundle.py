@@ -185,16 +185,36 @@ def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: in
     e.g. a ``fasp-edge run``'s ONNX export after its 4-bit one) reads them instead of sampling them again
     (~70 s for SmolLM2-135M on 2 cores).
     """
-    return _token_windows(loaded, text, windows, seqlen, QUALITY_SEED, weights_sha256, progress, "quality")
+    from ..pipeline.calibration import tokenize_text
+
+    if text is None:
+        return _self_written(loaded, windows, seqlen, QUALITY_SEED, weights_sha256, progress)
+    ids = tokenize_text(loaded.tokenizer, text)
+    n = min(windows, ids.numel() // seqlen)
+    if n < 1:
+        raise InvalidArgument(f"the quality text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
+                              "give a longer --quality-text file")
+    return ids[: n * seqlen].reshape(n, seqlen), {"text": "given", "windows": n, "seqlen": seqlen}
 
 
-def calibration_windows(loaded: LoadedModel, *, text: str | None = None, windows: int = CALIBRATION_WINDOWS,
-                        seqlen: int = CALIBRATION_SEQLEN, weights_sha256: str | None = None,
-                        progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """The token windows ``--qparams gptq`` calibrates on: the first windows of ``text`` (give validation text,
-    never the text quality is measured on), or text the model writes itself with :data:`CALIBRATION_SEED`
-    (another seed than the quality text's), cached like :func:`quality_windows`."""
-    return _token_windows(loaded, text, windows, seqlen, CALIBRATION_SEED, weights_sha256, progress, "calibration")
+def quantizer_windows(loaded: LoadedModel, *, text: str | None = None, windows: int = CALIBRATION_WINDOWS,
+                      seqlen: int = CALIBRATION_SEQLEN, weights_sha256: str | None = None,
+                      progress: bool = True) -> tuple[torch.Tensor, dict]:
+    """The token windows ``--qparams gptq`` calibrates on: windows of ``text`` drawn as pruning draws them
+    (:func:`~fasp_edge.pipeline.calibration.calibration_windows`, seed :data:`CALIBRATION_SEED`; give validation
+    text, never the text quality is measured on; a short text gives fewer windows), or text the model writes
+    itself with that seed (another than the quality text's), cached like :func:`quality_windows`."""
+    from ..pipeline.calibration import calibration_windows, tokenize_text
+
+    if text is None:
+        return _self_written(loaded, windows, seqlen, CALIBRATION_SEED, weights_sha256, progress)
+    available = tokenize_text(loaded.tokenizer, text).numel() // seqlen
+    if available < 1:
+        raise InvalidArgument(f"the calibration text gives no window of {seqlen} tokens; give a longer --calib-text file")
+    cal = calibration_windows(loaded.tokenizer, text=text, nsamples=min(windows, available), seqlen=seqlen,
+                              seed=CALIBRATION_SEED)
+    return cal.windows, {"text": "given", "windows": cal.windows.shape[0], "seqlen": seqlen,
+                         "seed": CALIBRATION_SEED}
 
 
 def check_calibration_windows(windows, vocab_size: int, max_context: int) -> torch.Tensor:
@@ -209,18 +229,11 @@ def check_calibration_windows(windows, vocab_size: int, max_context: int) -> tor
     return windows.long()
 
 
-def _token_windows(loaded: LoadedModel, text: str | None, windows: int, seqlen: int, seed: int,
-                   weights_sha256: str | None, progress: bool, what: str) -> tuple[torch.Tensor, dict]:
-    from ..pipeline.calibration import SELF_TEMPERATURE, self_generated_windows, tokenize_text
+def _self_written(loaded: LoadedModel, windows: int, seqlen: int, seed: int, weights_sha256: str | None,
+                  progress: bool) -> tuple[torch.Tensor, dict]:
+    """``windows`` sequences ``loaded``'s model writes from BOS with ``seed``, through :func:`cached_self_written`."""
+    from ..pipeline.calibration import SELF_TEMPERATURE, self_generated_windows
 
-    if text is not None:
-        ids = tokenize_text(loaded.tokenizer, text)
-        n = min(windows, ids.numel() // seqlen)
-        if n < 1:
-            flag = "--quality-text" if what == "quality" else "--calib-text"
-            raise InvalidArgument(f"the {what} text has {ids.numel()} tokens, fewer than one window of {seqlen}; "
-                                  f"give a longer {flag} file")
-        return ids[: n * seqlen].reshape(n, seqlen), {"text": "given", "windows": n, "seqlen": seqlen}
     source = {"text": "self-generated", "seed": seed, "windows": windows, "seqlen": seqlen}
     tok = loaded.tokenizer
     key = {**source, "temperature": SELF_TEMPERATURE, "start": [tok.bos_token_id, tok.eos_token_id],
@@ -318,7 +331,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     artifact's quality is measured through its own runtime on ``quality_windows_count`` windows of
     ``quality_text`` (or of text the model writes itself) and recorded in the manifest; 0 skips it. A recipe
     with ``qparams="gptq"`` calibrates on ``calibration`` (token windows ``[n, T]``, e.g. a ``fasp-edge run``'s
-    calibration stage's), else on :func:`calibration_windows` of ``calibration_text`` (validation text; without
+    calibration stage's), else on :func:`quantizer_windows` of ``calibration_text`` (validation text; without
     it, text the model writes itself).
     """
     from tqdm.auto import tqdm
@@ -345,14 +358,14 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                                                       seqlen=min(QUALITY_SEQLEN, max_context),
                                                       weights_sha256=weights_sha256, progress=progress)
         settings["quality"] = quality_source
-    if quant != "8da4w" or recipe.qparams != "gptq":
+    if quant != "8da4w" or not recipe.calibrated:
         calibration = None
     elif calibration is not None:
         calibration = check_calibration_windows(calibration, model.config.vocab_size, max_context)
         settings["calibration"] = {"text": "given windows", "windows": calibration.shape[0],
                                    "seqlen": calibration.shape[1]}
     else:
-        calibration, settings["calibration"] = calibration_windows(
+        calibration, settings["calibration"] = quantizer_windows(
             loaded, text=calibration_text, seqlen=min(CALIBRATION_SEQLEN, max_context),
             weights_sha256=weights_sha256, progress=progress)
     artifacts: dict[str, dict] = {}

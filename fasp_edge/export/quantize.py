@@ -58,6 +58,11 @@ class Recipe:
     embedding: str = "8bit"
     keep_8bit: list[str] = field(default_factory=list)
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantizing with this recipe needs calibration windows."""
+        return self.qparams == "gptq"
+
     def check(self) -> None:
         for what, value, allowed in (("qparams", self.qparams, QPARAMS), ("LM head precision", self.lm_head,
                                       HEAD_PRECISIONS), ("embedding precision", self.embedding, EMBEDDING_PRECISIONS)):
@@ -301,25 +306,25 @@ def gptq_4bit(w: torch.Tensor, gram: torch.Tensor, group: int = GROUP_SIZE) -> t
 @torch.no_grad()
 def input_grams(decoder: nn.Module, windows: torch.Tensor, linears: dict[str, nn.Linear],
                 progress: bool = False) -> dict[str, torch.Tensor]:
-    """``XᵀX`` (float64) of the input of each Linear in ``linears`` over ``windows [n, T]``, run eagerly through
-    ``decoder`` (an :class:`~.decoder.ExportDecoder`, static cache). Linears that read one tensor (q/k/v,
-    gate/up) get the same matrix object."""
+    """``XᵀX`` (float64, :class:`~fasp_edge.pipeline.stats.InputStatistics`) of the input of each Linear in
+    ``linears`` over ``windows [n, T]``, run eagerly through ``decoder`` (an :class:`~.decoder.ExportDecoder`,
+    static cache). Linears that read one tensor (q/k/v, gate/up) get the same matrix object."""
     from tqdm.auto import tqdm
 
-    grams: dict[str, torch.Tensor] = {}
+    from ..pipeline.stats import InputStatistics
+
+    stats: dict[str, InputStatistics] = {}
     alias: dict[str, str] = {}
     last = {"x": None, "name": None}
 
     def hook(name):
         def fn(mod, inp, out):
             x = inp[0]
-            if x is last["x"]:
+            if x is last["x"]:  # a sibling of the Linear just seen: the same input, counted once
                 alias[name] = last["name"]
                 return
             last["x"], last["name"] = x, name
-            x = x.reshape(-1, x.shape[-1]).float()
-            g = grams.get(name)
-            grams[name] = (x.T @ x).double() if g is None else g.add_((x.T @ x).double())
+            stats.setdefault(name, InputStatistics(x.shape[-1])).update(x)
         return fn
 
     hooks = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
@@ -331,9 +336,8 @@ def input_grams(decoder: nn.Module, windows: torch.Tensor, linears: dict[str, nn
         for h in hooks:
             h.remove()
         decoder.reset_cache()
-    for name, owner in alias.items():
-        grams[name] = grams[owner]
-    return grams
+    grams = {name: st.gram for name, st in stats.items()}
+    return {**grams, **{name: grams[owner] for name, owner in alias.items()}}
 
 
 @dataclass
@@ -437,8 +441,8 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
     named = input_grams(decoder, windows, lins, progress=progress)
     grams = {id(lins[n]): g for n, g in named.items()}
     exponents = smooth(decoder, grams)
-    _replace(decoder, fqns, lambda lin: DynamicQuantLinear(*gptq_4bit(lin.weight, grams[id(lin)].float()), 4,
-                                                             GROUP_SIZE, lin.bias))
+    _replace(decoder, fqns, lambda lin: DynamicQuantLinear(*gptq_4bit(lin.weight, grams[id(lin)]), 4, GROUP_SIZE,
+                                                             lin.bias))
     return {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]),
             "smoothed_pairs": sum(a > 0 for a in exponents), "pairs": len(exponents),
             "mean_smoothing_exponent": round(sum(exponents) / max(len(exponents), 1), 3)}
@@ -549,7 +553,7 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE, calibr
     if recipe.qparams == "asymmetric":
         _replace(decoder, four, to_group_offset)
         share_group_sums(decoder)
-    elif recipe.qparams == "gptq":
+    elif recipe.calibrated:
         if calibration is None:
             raise InvalidArgument("--qparams gptq needs calibration text: give --calib-text FILE (validation text) "
                                   "or let the export sample it from the model")

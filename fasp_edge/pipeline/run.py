@@ -408,11 +408,15 @@ class _ExportJob:
 
 def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None, quality_fp: str | None,
             calib: StageResult | None = None) -> list[dict]:
+    from ..export.quantize import DEFAULT_RECIPE
+
     cfg = state.cfg
     x = cfg["export"]
     # each artifact's quality is measured through its runtime on the evaluation text (or on self-written text);
-    # a 4-bit export calibrates its quantizer on the run's calibration windows (else it samples its own)
+    # a 4-bit export whose recipe calibrates (the CLI's default one) does so on the run's calibration windows
     quality = {"quality_text": quality_fp}
+    if not DEFAULT_RECIPE.calibrated:
+        calib = None
     calib_windows = calib.folder / "windows.pt" if calib is not None else None
     jobs = [_ExportJob(f"{m.label}-{a}", m, a, cfg.folder / "bundles" / f"{m.label}-{a}",
                        fingerprint({"artifact": a, "max_context": x["max_context"], **quality},
