@@ -326,3 +326,29 @@ def test_quantized_rows_are_compared_like_with_like():
     assert by["fasp-q4"]["vs_dense_fp32"]["reference"] == "dense"  # across precisions, apart
     assert by["fasp"]["vs_dense"]["reference"] == "dense" and "vs_dense_fp32" not in by["fasp"]
     assert by["dense-q4"]["vs_dense"] is None and by["dense-q4"]["vs_dense_fp32"]["decode_speedup"] == 3.0
+
+
+def test_quantized_rows_are_compared_within_their_recipe():
+    """Two dense 4-bit bundles of different weight grids: each pruned 4-bit bundle is set against the one of its own
+    recipe, whichever comes first."""
+    from pathlib import Path
+
+    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime_bench.harness import Target, add_comparisons
+
+    def target(label, pruned, qparams):
+        return Target(label, Bundle(Path(label), {"model": {"fasp": {"sparsity": 0.3} if pruned else None},
+                                                  "quantization": "8da4w",
+                                                  "export_settings": {"recipe": {"qparams": qparams}}}))
+
+    targets = [target("dense-asym", False, "asymmetric"), target("dense-gptq", False, "gptq"),
+               target("fasp-gptq", True, "gptq"), target("fasp-asym", True, "asymmetric")]
+    med = lambda v: {"median": v}  # noqa: E731
+    rows = [{"bundle": t.label, "backend": "pte", "profile": "hub", "status": "ok", "artifact_bytes": 100,
+             "metrics": {"decode_tokens_per_s": med(10.0 + i), "prefill_tokens_per_s": med(1.0), "ttft_s": med(1.0),
+                         "load_s": med(1.0)}, "memory": {"model_rss_mb": 10.0, "peak_rss_mb": 20.0}}
+            for i, t in enumerate(targets)]
+    add_comparisons(rows, targets)
+    by = {r["bundle"]: r for r in rows}
+    assert by["fasp-gptq"]["vs_dense"]["reference"] == "dense-gptq"
+    assert by["fasp-asym"]["vs_dense"]["reference"] == "dense-asym"

@@ -277,8 +277,13 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _quant_of(t: Target, backend: str) -> str:
-    """The precision a row of ``t`` runs at: the torch backend runs the source model in fp32."""
-    return "none" if backend == "torch" else t.quantization
+    """The precision a row of ``t`` runs at: the torch backend runs the source model in fp32; a quantized bundle's
+    includes its recipe's weight grid (a pruned ``--qparams gptq`` bundle is set against the dense gptq one, not
+    against the dense asymmetric one)."""
+    if backend == "torch":
+        return "none"
+    qparams = ((t.manifest.get("export_settings") or {}).get("recipe") or {}).get("qparams")
+    return t.quantization if qparams is None or t.quantization == "none" else f"{t.quantization}/{qparams}"
 
 
 def reference_row(r: dict, targets: list[Target], ok: dict, *, precision: str) -> dict | None:
