@@ -9,15 +9,16 @@ in the same run.
                                                 # (+5-15 min the first time, to build llama.cpp,
                                                 # and ~10 min for the export_llm peer)
 
-Needs the bundles of `benchmarks/export.py` (bundles/smollm2-{dense,fasp30}-{pte-fp32,pte-8da4w,onnx-fp32});
+Needs the bundles of `benchmarks/export.py` (bundles/smollm2-{dense,fasp30}-{pte-fp32,pte-8da4w,pte-8da4w-gptq,
+onnx-fp32}; pte-8da4w is the default 4-bit recipe, pte-8da4w-gptq the calibrated symmetric one);
 makes the optimum export (bundles/smollm2-dense-optimum-onnx) and the export_llm peer
 (bundles/smollm2-dense-etllm-8da4w) if absent. Runs `fasp-edge bench` into
 benchmarks/results/runtime/ (bench.json, bench.md, plots) and writes benchmarks/results/runtime.{json,md}
 with issue 11's bars, measured in the same run:
-  - FASP-0.3 pte 8da4w decode >= 1.25x dense pte 8da4w (fasp-edge bench and TextLLMRunner);
+  - FASP-0.3 pte 8da4w decode >= 1.25x dense pte 8da4w (fasp-edge bench and TextLLMRunner), for each 4-bit recipe;
   - FASP-0.3 pte fp32 decode >= 1.20x dense pte fp32 (both);
   - dense pte 8da4w decode >= 1.5x llama.cpp Q4_0 (TextLLMRunner, and the fasp-edge bench rows that ran 2
-    threads, each divided by llama.cpp's Q4_0 decode);
+    threads, each divided by llama.cpp's Q4_0 decode), for each 4-bit recipe;
   - our ONNX export's decode >= optimum-onnx's (dense, same profile);
 and, as information rather than bars, dense pte 8da4w decode over llama.cpp Q8_0's and over export_llm's
 (TextLLMRunner both).
@@ -75,9 +76,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("dense", "fasp30")
-VARIANTS = ("pte-fp32", "pte-8da4w", "onnx-fp32")
-BARS = {"fasp30_pte_8da4w_decode_vs_dense_pte_8da4w": 1.25, "fasp30_pte_fp32_decode_vs_dense_pte_fp32": 1.20,
-        "our_onnx_decode_vs_optimum": 1.0, "dense_pte_8da4w_decode_vs_llama_cpp_q4_0": 1.5}
+VARIANTS = ("pte-fp32", "pte-8da4w", "pte-8da4w-gptq", "onnx-fp32")
+#: the 4-bit variants: the default recipe (asymmetric groups) and the calibrated symmetric one (--qparams gptq)
+FOUR_BIT = ("pte-8da4w", "pte-8da4w-gptq")
+BARS = {"fasp30_pte_8da4w_decode_vs_dense_pte_8da4w": 1.25,
+        "fasp30_pte_8da4w_gptq_decode_vs_dense_pte_8da4w_gptq": 1.25,
+        "fasp30_pte_fp32_decode_vs_dense_pte_fp32": 1.20, "our_onnx_decode_vs_optimum": 1.0,
+        "dense_pte_8da4w_decode_vs_llama_cpp_q4_0": 1.5, "dense_pte_8da4w_gptq_decode_vs_llama_cpp_q4_0": 1.5}
 #: what every stock-runner and llama.cpp generation is asked: this prompt, this many new tokens, greedy
 PROMPT = "The history of the city begins"
 NEW_TOKENS = 64
@@ -754,29 +759,32 @@ def main() -> None:
         q = peer["quants"].get(quant) or {"status": f"not measured: no {quant} entry"}
         return (q["decode_tokens_per_s"]["median"], None) if q["status"] == "ok" else (None, q["status"])
 
-    def vs_peer(ours: float | None, ours_why: str | None, quant: str, bar: float | None) -> dict:
+    def vs_peer(ours: float | None, ours_why: str | None, quant: str, bar: float | None,
+                variant: str = "pte-8da4w") -> dict:
         theirs, why = peer_decode(quant)
         v = ratio(ours, theirs)
-        e = {"value": v, "dense_pte_8da4w": ours, f"llama_cpp_{quant.lower()}": theirs}
+        e = {"value": v, f"dense_{variant.replace('-', '_')}": ours, f"llama_cpp_{quant.lower()}": theirs}
         if bar is not None:
             e.update(bar=bar, met=v is not None and v >= bar)
         if v is None:
             e["note"] = why or ours_why or "not measured"
         return e
 
-    def bench_dense_8da4w(prof: str) -> tuple[float | None, str | None]:
-        """The bench's dense pte 8da4w decode under ``prof`` when it ran llama.cpp's thread count."""
-        r = rows.get(("smollm2-dense-pte-8da4w", "pte", prof))
+    def bench_dense_4bit(prof: str, variant: str) -> tuple[float | None, str | None]:
+        """The bench's dense ``variant`` (a 4-bit pte) decode under ``prof`` when it ran llama.cpp's thread count."""
+        r = rows.get((f"smollm2-dense-{variant}", "pte", prof))
         if not r:
-            return None, f"not measured: no dense-pte-8da4w row under {prof}"
+            return None, f"not measured: no dense-{variant} row under {prof}"
         threads = (r.get("applied") or {}).get("threads")
         if threads != LLAMACPP_THREADS:
             return None, f"not comparable: the {prof} row ran {threads} threads, llama.cpp {LLAMACPP_THREADS}"
         return r["metrics"]["decode_tokens_per_s"]["median"], None
 
-    q4_key, q8_key = "dense_pte_8da4w_decode_vs_llama_cpp_q4_0", "dense_pte_8da4w_decode_vs_llama_cpp_q8_0"
-    pairs = {"fasp30_pte_8da4w_decode_vs_dense_pte_8da4w": ("fasp30-pte-8da4w", "dense-pte-8da4w"),
-             "fasp30_pte_fp32_decode_vs_dense_pte_fp32": ("fasp30-pte-fp32", "dense-pte-fp32")}
+    def peer_key(variant: str, quant: str) -> str:
+        return f"dense_{variant.replace('-', '_')}_decode_vs_llama_cpp_{quant.lower()}"
+
+    pairs = {f"fasp30_{v.replace('-', '_')}_decode_vs_dense_{v.replace('-', '_')}": (f"fasp30-{v}", f"dense-{v}")
+             for v in (*FOUR_BIT, "pte-fp32")}
     bars: dict[str, dict] = {}
     info: dict[str, dict] = {}
     for prof in args.profiles.split(","):
@@ -784,15 +792,20 @@ def main() -> None:
         got["our_onnx_decode_vs_optimum"] = ratio(decode("dense-onnx-fp32", "onnx", prof),
                                                   decode("dense-optimum-onnx", "onnx", prof))
         bars[prof] = {k: {"value": v, "bar": BARS[k], "met": v is not None and v >= BARS[k]} for k, v in got.items()}
-        bars[prof][q4_key] = vs_peer(*bench_dense_8da4w(prof), "Q4_0", BARS[q4_key])
-        info[prof] = {q8_key: vs_peer(*bench_dense_8da4w(prof), "Q8_0", None)}
+        info[prof] = {}
+        for v in FOUR_BIT:
+            bars[prof][peer_key(v, "Q4_0")] = vs_peer(*bench_dense_4bit(prof, v), "Q4_0", BARS[peer_key(v, "Q4_0")], v)
+            info[prof][peer_key(v, "Q8_0")] = vs_peer(*bench_dense_4bit(prof, v), "Q8_0", None, v)
     stock_row = "TextLLMRunner, 2 threads"
     bars[stock_row] = {k: {"value": ratio(stock(a), stock(b)), "bar": BARS[k],
                            "met": (ratio(stock(a), stock(b)) or 0) >= BARS[k]}
                        for k, (a, b) in pairs.items()}
+    info[stock_row] = {}
+    for v in FOUR_BIT:
+        why = None if stock(f"dense-{v}") else f"not measured: no TextLLMRunner figure for dense-{v}"
+        bars[stock_row][peer_key(v, "Q4_0")] = vs_peer(stock(f"dense-{v}"), why, "Q4_0", BARS[peer_key(v, "Q4_0")], v)
+        info[stock_row][peer_key(v, "Q8_0")] = vs_peer(stock(f"dense-{v}"), why, "Q8_0", None, v)
     stock_why = None if stock("dense-pte-8da4w") else "not measured: no TextLLMRunner figure for dense-pte-8da4w"
-    bars[stock_row][q4_key] = vs_peer(stock("dense-pte-8da4w"), stock_why, "Q4_0", BARS[q4_key])
-    info[stock_row] = {q8_key: vs_peer(stock("dense-pte-8da4w"), stock_why, "Q8_0", None)}
     etllm_decode = (etllm.get("decode_tokens_per_s") or {}).get("median") if etllm.get("status") == "ok" else None
     e = {"value": ratio(stock("dense-pte-8da4w"), etllm_decode), "dense_pte_8da4w": stock("dense-pte-8da4w"),
          "export_llm_8da4w": etllm_decode}
@@ -832,14 +845,15 @@ def main() -> None:
                   f"a warm-up in each of {peer.get('rounds')} fresh processes (same run). Files made by llama.cpp's own "
                   f"quantizer from {peer['source_gguf']}, the Q4_1 GGUF our dense model is dequantized from, so the "
                   "same dense weights:", "",
-                  "| llama.cpp | decode tok/s | dense pte-8da4w (TextLLMRunner) / it | TTFT ms | load s | size MB "
-                  "| tensor types |", "|---|---|---|---|---|---|---|"]
+                  "| llama.cpp | decode tok/s | dense pte-8da4w (TextLLMRunner) / it | dense pte-8da4w-gptq / it "
+                  "| TTFT ms | load s | size MB | tensor types |", "|---|---|---|---|---|---|---|---|"]
         for q, v in peer["quants"].items():
             if v["status"] != "ok":
-                lines.append(f"| {q} | {v['status']} | | | | | |")
+                lines.append(f"| {q} | {v['status']} | | | | | | |")
                 continue
-            rel = ratio(stock("dense-pte-8da4w"), v["decode_tokens_per_s"]["median"])
-            lines.append(f"| {q} | {v['decode_tokens_per_s']['median']:.1f} | {f'{rel:.2f}x' if rel else '–'} | "
+            rel = [ratio(stock(f"dense-{b}"), v["decode_tokens_per_s"]["median"]) for b in FOUR_BIT]
+            lines.append(f"| {q} | {v['decode_tokens_per_s']['median']:.1f} | "
+                         + " | ".join(f"{x:.2f}x" if x else "–" for x in rel) + " | "
                          f"{v['ttft_ms']:.0f} | {v['load_s']['median']:.2f} | {v['size_mb']:.0f} | "
                          + ", ".join(f"{t} {n}" for t, n in v["tensor_types"].items()) + " |")
         if peer.get("system_info"):
