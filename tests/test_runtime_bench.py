@@ -15,7 +15,7 @@ import pytest
 from fasp_edge.cli import main
 from fasp_edge.errors import InvalidArgument
 from fasp_edge.runtime_bench.harness import load_targets, optimum_target, run_bench, run_measurement
-from fasp_edge.runtime_bench.measure import plan_cpus
+from fasp_edge.runtime_bench.measure import THREAD_ENV_VARS, plan_cpus, thread_env
 from fasp_edge.runtime_bench.profiles import Profile, ProfileError, builtin_profiles, load_profile_file, resolve_profiles
 from fasp_edge.runtime_bench.report import schema, validate, write_report
 
@@ -98,6 +98,14 @@ def test_plan_cpus_clamps_and_says_so():
     assert plan_cpus(2, "all", [0, 1, 2]) == ([0, 1, 2], 2, [])
 
 
+def test_torch_pool_is_sized_in_the_childs_starting_environment():
+    # beside another runtime torch gets one OpenMP thread; on the torch backend the profile's, as clamped
+    assert thread_env("pte", 4, "first", [0, 1]) == {v: "1" for v in THREAD_ENV_VARS}
+    assert thread_env("onnx", 2, "all", [0, 1, 2]) == {v: "1" for v in THREAD_ENV_VARS}
+    assert thread_env("torch", 4, "first", [0, 1]) == {v: "2" for v in THREAD_ENV_VARS}
+    assert thread_env("torch", 1, [1], [0, 1]) == {v: "1" for v in THREAD_ENV_VARS}
+
+
 # ---------------------------------------------------------------- the measurement (points 2, 3)
 @requires_shared(STORIES)
 @pytest.mark.parametrize("backend", ["pte", "onnx", "torch"])
@@ -107,6 +115,8 @@ def test_threads_are_applied_inside_the_child(stories_bundles, backend):
     assert res["status"] == "ok", res
     applied = res["applied"]
     assert applied["threads"] == 1 and applied["torch_threads"] == 1
+    assert applied["omp_num_threads_at_start"] == "1"  # set before torch loaded, not after
+    assert not any("when torch loaded" in n for n in res["not_applied"])
     if hasattr(os, "sched_getaffinity"):
         assert applied["cpu_affinity"] == sorted(os.sched_getaffinity(0))[:1]
     if backend == "pte":

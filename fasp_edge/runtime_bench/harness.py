@@ -25,7 +25,7 @@ from ..export.bundle import Bundle, load_bundle
 from ..export.bundle import describe as describe_bundle
 from ..procutil import die_with_parent_fn
 from .engines import BACKENDS
-from .measure import PROGRESS_MARK, host_facts, status_row, summarize
+from .measure import PROGRESS_MARK, host_facts, status_row, summarize, thread_env, usable_cpus
 from .profiles import Profile
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,8 @@ def run_measurement(target: Target, backend: str, profile: Profile, reps: int, w
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         cmd = [sys.executable, "-m", "fasp_edge.runtime_bench.measure", str(spec_path), str(out_path)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+               **thread_env(backend, profile.threads, profile.cpu_affinity, usable_cpus())}
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                                 errors="replace", preexec_fn=die_with_parent_fn())
         tail: deque[str] = deque(maxlen=20)

@@ -10,8 +10,10 @@ count of each runtime (``torch.set_num_threads``, 1 where torch only carries tok
 another runtime; ONNX Runtime intra/inter-op threads without spinning; ExecuTorch's thread pool). What
 the host cannot honour (more threads than usable CPUs, CPU ids it does not have, affinity on an OS
 without it) is clamped and listed in ``not_applied``.
-Only the standard library is imported at module level, so the affinity applies to every thread the
-runtimes start later.
+The package import loads torch before this module runs, so the OpenMP/BLAS thread variables torch reads
+at load come from the harness, which starts this process with :func:`thread_env`; a process started
+otherwise says so in ``not_applied``. The runtimes start their thread pools after the affinity is applied,
+so every pool thread inherits it.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ import time
 import traceback
 from pathlib import Path
 
+#: the OpenMP/BLAS thread variables torch read when it loaded in this process (importing the fasp_edge
+#: package loads torch before :func:`measure` runs, so only the parent's environment can set them)
+THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+_THREAD_ENV_AT_START = {v: os.environ.get(v) for v in THREAD_ENV_VARS}
 PROGRESS_MARK = "fasp-edge-progress: "  # a line on stderr per finished generation, for the harness's progress bar
 PROMPT_TEXT = (
     "Small language models run on phones, smart speakers and single-board computers when they are pruned and "
@@ -109,6 +115,23 @@ def plan_cpus(threads: int, affinity, usable: list[int]) -> tuple[list[int], int
         notes.append(f"threads: the profile asks for {threads}, this host gives the process {len(cpus)} usable "
                      f"CPU(s); ran {applied_threads} thread(s)")
     return cpus, applied_threads, notes
+
+
+def torch_threads_for(backend: str, profile_threads: int, affinity, usable: list[int]) -> int:
+    """torch's thread count in a measurement: the profile's (as clamped) on the torch backend, else 1.
+
+    Beside ExecuTorch or ONNX Runtime torch only moves tokens and logits, and an OpenMP pool of more
+    threads spin-waits after each of those small ops on the cores the runtime's own pool needs. Measured
+    (2 cores, dense SmolLM2 pte-8da4w-gptq, hub profile, 2026-12-04): 107-123 tok/s with torch loaded
+    under OMP_NUM_THREADS unset, 149-164 tok/s with it set to 1 before torch loads.
+    """
+    return plan_cpus(profile_threads, affinity, usable)[1] if backend == "torch" else 1
+
+
+def thread_env(backend: str, profile_threads: int, affinity, usable: list[int]) -> dict[str, str]:
+    """The environment a measuring process must start with: the OpenMP/BLAS pools sized before torch loads."""
+    n = str(torch_threads_for(backend, profile_threads, affinity, usable))
+    return {v: n for v in THREAD_ENV_VARS}
 
 
 def apply_affinity(cpus: list[int]) -> list[str]:
@@ -238,13 +261,13 @@ def measure(spec: dict) -> dict:
     result = status_row(spec["label"], spec["backend"], prof["name"], "ok", None)
     cpus, threads, notes = plan_cpus(prof["threads"], prof.get("cpu_affinity", "first"), usable_cpus())
     notes += apply_affinity(cpus)
-    # torch computes the model only on the torch backend; beside ExecuTorch or ONNX Runtime it only moves
-    # tokens and logits, and an OpenMP pool of `threads` would spin-wait after each of those small ops on the
-    # cores the runtime's own pool needs (2 cores, the dense SmolLM2 pte-8da4w decoding in a loop of steps:
-    # 136-139 tok/s beside 2 torch threads, 149-159 beside 1)
-    torch_threads = threads if spec["backend"] == "torch" else 1
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[var] = str(torch_threads)  # read by the OpenMP/BLAS runtimes when torch loads them
+    torch_threads = torch_threads_for(spec["backend"], prof["threads"], prof.get("cpu_affinity", "first"),
+                                      usable_cpus())
+    for var in THREAD_ENV_VARS:
+        if _THREAD_ENV_AT_START[var] != str(torch_threads):
+            notes.append(f"{var}: was {_THREAD_ENV_AT_START[var]!r} when torch loaded, not {torch_threads!r}; "
+                         "start measurements through `fasp-edge bench`, which sets it (torch.set_num_threads "
+                         "still applied)")
     result["not_applied"] = notes
     manifest = spec["manifest"]
     exported_here = manifest.get("format") == "fasp-edge-bundle"  # not a reference export with its own context
@@ -275,7 +298,8 @@ def measure(spec: dict) -> dict:
         check_same_model(loaded, manifest)
     engine.reset()
     result["applied"] = {"cpu_affinity": usable_cpus() if hasattr(os, "sched_getaffinity") else None,
-                         "threads": threads, **engine.thread_settings()}
+                         "threads": threads, **engine.thread_settings(),
+                         "omp_num_threads_at_start": _THREAD_ENV_AT_START["OMP_NUM_THREADS"]}
 
     runs = []
     reps, warmup = int(spec["reps"]), int(spec["warmup"])
