@@ -362,3 +362,41 @@ def test_quantized_rows_are_compared_within_their_recipe():
     by = {r["bundle"]: r for r in rows}
     assert by["fasp-gptq"]["vs_dense"]["reference"] == "dense-gptq"
     assert by["fasp-asym"]["vs_dense"]["reference"] == "dense-asym"
+
+
+def test_compared_rows_run_back_to_back_and_speedups_are_taken_round_by_round():
+    """Within a round a pruned row runs right after (or, every other round, right before) the dense row of its own
+    backend and precision; a decode speed-up is the median of the per-round ratios, so a machine that slows down
+    between rounds does not move it."""
+    from pathlib import Path
+
+    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime_bench.harness import Target, add_comparisons, merge_rounds, run_order
+
+    def target(label, pruned, quant):
+        return Target(label, Bundle(Path(label), {"model": {"fasp": {"sparsity": 0.3} if pruned else None},
+                                                  "quantization": quant, "formats": ["pte"]}))
+
+    targets = [target("dense", False, "none"), target("dense-q4", False, "8da4w"), target("fasp", True, "none"),
+               target("fasp-q4", True, "8da4w")]
+    hub, mid = Profile(**{**TINY.to_dict(), "name": "hub"}), Profile(**{**TINY.to_dict(), "name": "mid"})
+    jobs = [("run", t, "pte", p, None) for p in (hub, mid) for t in targets]
+    names = lambda order: [(jobs[i][3].name, jobs[i][1].label) for i in order]  # noqa: E731
+    first = names(run_order(jobs, list(range(len(jobs))), 0))
+    assert first[:4] == [("hub", "dense"), ("hub", "fasp"), ("hub", "dense-q4"), ("hub", "fasp-q4")]
+    assert first[4:] == [("mid", "dense"), ("mid", "fasp"), ("mid", "dense-q4"), ("mid", "fasp-q4")]
+    assert names(run_order(jobs, list(range(len(jobs))), 1)) == first[::-1]
+
+    def measured(label, speeds):  # one result per round, the machine twice as slow in round 2
+        med = lambda v: {"median": v, "min": v, "max": v, "n": 1, "values": [v]}  # noqa: E731
+        return merge_rounds([{"bundle": label, "backend": "pte", "profile": "hub", "status": "ok", "not_applied": [],
+                              "artifact_bytes": 100, "memory": {"model_rss_mb": 10.0, "peak_rss_mb": 20.0},
+                              "metrics": {"decode_tokens_per_s": med(v), "prefill_tokens_per_s": med(1.0),
+                                          "ttft_s": med(1.0), "load_s": med(1.0)}} for v in speeds])
+
+    rows = [measured("dense", [100.0, 50.0, 100.0]), measured("fasp", [120.0, 60.0, 121.0])]
+    add_comparisons(rows, targets)
+    v = rows[1]["vs_dense"]
+    assert rows[1]["round_decode_tokens_per_s"] == [120.0, 60.0, 121.0]
+    assert v["decode_speedup"] == pytest.approx(1.20)  # median of 1.20, 1.20, 1.21
+    assert v["decode_speedup_pooled"] == pytest.approx(1.20)  # pooled medians: 120 / 100

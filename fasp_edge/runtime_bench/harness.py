@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -216,7 +217,27 @@ def merge_rounds(rounds: list[dict]) -> dict:
     out["memory"] = max((r["memory"] for r in ok), key=lambda m: m["model_rss_mb"])
     out["not_applied"] = list(dict.fromkeys(n for r in ok for n in r["not_applied"]))
     out["rounds"] = len(ok)
+    # each round's own median: a speed-up is the median of the per-round ratios (see _versus)
+    out["round_decode_tokens_per_s"] = [r["metrics"]["decode_tokens_per_s"]["median"] for r in ok]
     return out
+
+
+def run_order(jobs: list[tuple], measured: list[int], rnd: int) -> list[int]:
+    """The order the jobs ``measured`` run in during round ``rnd``: rows that are compared with each other
+    (one profile, one backend, one precision) run back to back, the dense reference next to its pruned rows,
+    so a ratio is taken over seconds rather than minutes of a shared machine's drift; every other round runs
+    the list backwards (pruned first), so a steady drift falls on both sides of a ratio alike."""
+    profiles = list(dict.fromkeys(jobs[i][3].name for i in measured))
+    groups: dict[tuple, int] = {}
+
+    def key(i: int):
+        _, target, backend, profile, _ = jobs[i]
+        precision = _quant_of(target, backend) if not target.external else "none"
+        group = groups.setdefault((profile.name, backend, precision), len(groups))
+        return (profiles.index(profile.name), group, bool(target.pruned or target.external), i)
+
+    order = sorted(measured, key=key)
+    return order[::-1] if rnd % 2 else order
 
 
 def run_bench(bundle_paths: list[str], profiles: list[Profile], backends: list[str], *, reps: int = DEFAULT_REPS,
@@ -226,7 +247,8 @@ def run_bench(bundle_paths: list[str], profiles: list[Profile], backends: list[s
 
     With ``rounds`` > 1 the whole list of measurements is run that many times over, each time in fresh
     processes, and each row pools its runs: slow drift of a shared machine then falls on every row alike
-    instead of on whichever ran during it. ``optimum_onnx`` folders (optimum's ONNX export of the dense
+    instead of on whichever ran during it (:func:`run_order` puts rows that are compared side by side, and
+    :func:`_versus` takes a speed-up round by round). ``optimum_onnx`` folders (optimum's ONNX export of the dense
     model) are measured on the onnx backend as the reference our own ONNX export is compared with.
     ``omit_missing`` leaves out the backends a bundle has no artifact for (bundles of one format each).
     """
@@ -247,7 +269,7 @@ def run_bench(bundle_paths: list[str], profiles: list[Profile], backends: list[s
     with tqdm(total=rounds * runs * (reps + warmup), unit="gen", desc="bench", disable=not progress,
               leave=False) as bar:
         for rnd in range(rounds):
-            for i in measured:
+            for i in run_order(jobs, list(measured), rnd):
                 _, target, backend, profile, extra = jobs[i]
                 bar.set_postfix_str(f"{target.label} {backend} {profile.name}"
                                     + (f" round {rnd + 1}/{rounds}" if rounds > 1 else ""))
@@ -300,11 +322,21 @@ def reference_row(r: dict, targets: list[Target], ok: dict, *, precision: str) -
     return None
 
 
+def _decode_speedup(r: dict, ref: dict) -> float | None:
+    """``r``'s decode speed over ``ref``'s: with several rounds, the median of the per-round ratios (each round
+    measures the two rows back to back, :func:`run_order`), else the ratio of the medians."""
+    a, b = r.get("round_decode_tokens_per_s"), ref.get("round_decode_tokens_per_s")
+    if a and b and len(a) == len(b) and len(a) > 1 and all(b):
+        return round(statistics.median(x / y for x, y in zip(a, b)), 4)
+    return _ratio(r["metrics"]["decode_tokens_per_s"]["median"], ref["metrics"]["decode_tokens_per_s"]["median"])
+
+
 def _versus(r: dict, ref: dict) -> dict:
     m, rm = r["metrics"], ref["metrics"]
     return {
         "reference": ref["bundle"],
-        "decode_speedup": _ratio(m["decode_tokens_per_s"]["median"], rm["decode_tokens_per_s"]["median"]),
+        "decode_speedup": _decode_speedup(r, ref),
+        "decode_speedup_pooled": _ratio(m["decode_tokens_per_s"]["median"], rm["decode_tokens_per_s"]["median"]),
         "prefill_speedup": _ratio(m["prefill_tokens_per_s"]["median"], rm["prefill_tokens_per_s"]["median"]),
         "ttft_speedup": _ratio(rm["ttft_s"]["median"], m["ttft_s"]["median"]),
         "load_speedup": _ratio(rm["load_s"]["median"], m["load_s"]["median"]),

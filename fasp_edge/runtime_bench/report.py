@@ -57,7 +57,9 @@ def markdown(doc: dict) -> str:
     lines = ["# fasp-edge bench", "",
              f"{host['cpu_model']} ({host['usable_cpus']} usable of {host['logical_cpus']} CPUs, {host['arch']}, "
              f"{host['os']}); {settings['reps']} counted runs after {settings['warmup']} warm-up per row and process, "
-             f"each row in a fresh process" + (f", {settings['rounds']} rounds over all rows, pooled"
+             f"each row in a fresh process" + (f", {settings['rounds']} rounds over all rows (rows compared with each "
+                                               "other back to back, every other round in reverse), metrics pooled, "
+                                               "a decode speed-up the median of the per-round ratios"
                                                if settings.get("rounds", 1) > 1 else "")
              + f"; {doc['duration_s']:.0f} s in all.", ""]
     lines += _versus_table(ok, "vs_dense", "## Against the dense bundle (same backend, same precision, same profile, "
