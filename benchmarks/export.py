@@ -1,7 +1,7 @@
 """Export benchmark: SmolLM2-135M-Instruct (dequantized Q4_1) dense and FASP-0.3 (``--align 32``: every pruned
-width fits the 4-bit groups), each as ExecuTorch fp32, ExecuTorch 8da4w (the default asymmetric recipe, and the calibrated `--qparams gptq
---keep-8bit down_proj` one, calibrated on WikiText-2 validation) and ONNX fp32 bundles: export
-seconds, file sizes, delegate partitions, parity, and the quality of each artifact measured through its own
+width fits the 4-bit groups), each as ExecuTorch fp32, ExecuTorch 8da4w (the default recipe, calibrated symmetric
+groups, calibrated on WikiText-2 validation; and the asymmetric one, `--qparams asymmetric`) and ONNX fp32 bundles:
+export seconds, file sizes, delegate partitions, parity, and the quality of each artifact measured through its own
 runtime (4 windows x 512 tokens of WikiText-2 test, teacher-forced, against the PyTorch model it was made from).
 
     .venv/bin/python benchmarks/export.py            # about 30 min on 2 cores (prunes if checkpoints are absent)
@@ -31,11 +31,10 @@ TEST = DATA / "wikitext2" / "wiki.test.joined.txt"
 BEFORE = {("dense", "pte-fp32"): (653.3, 465), ("dense", "pte-8da4w"): (191.1, 661), ("dense", "onnx-fp32"): (540.7, 76),
           ("fasp30", "pte-fp32"): (542.2, 261), ("fasp30", "pte-8da4w"): (186.8, 488), ("fasp30", "onnx-fp32"): (429.5, 51)}
 FE = [sys.executable, "-m", "fasp_edge.cli", "--quiet"]
-#: (bundle suffix, format, quant, extra export flags): pte-8da4w is the default recipe (asymmetric groups);
-#: pte-8da4w-gptq the calibrated symmetric one, calibrated on WikiText-2 validation (never the test text)
-VARIANTS = [("pte-fp32", "pte", "none", []), ("pte-8da4w", "pte", "8da4w", []),
-            ("pte-8da4w-gptq", "pte", "8da4w", ["--qparams", "gptq", "--keep-8bit", "down_proj", "--calib-text", str(CALIB)]),
-            ("onnx-fp32", "onnx", "none", [])]
+#: (bundle suffix, format, quant, extra export flags): pte-8da4w is the default recipe (calibrated symmetric groups),
+#: calibrated on WikiText-2 validation (never the test text); pte-8da4w-asym the asymmetric one
+VARIANTS = [("pte-fp32", "pte", "none", []), ("pte-8da4w", "pte", "8da4w", ["--calib-text", str(CALIB)]),
+            ("pte-8da4w-asym", "pte", "8da4w", ["--qparams", "asymmetric"]), ("onnx-fp32", "onnx", "none", [])]
 
 
 def run(cmd: list[str]) -> float:
@@ -92,7 +91,7 @@ def main() -> None:
                   f"greedy agreement {row['parity']['greedy_token_agreement']:.2f}", file=sys.stderr, flush=True)
     size = {(r["model"], r["variant"]): r["model_bytes"] for r in rows}
     bars = {}
-    for v in ("pte-8da4w", "pte-8da4w-gptq"):
+    for v in ("pte-8da4w", "pte-8da4w-asym"):
         if ("dense", v) in size:
             bars[f"dense_{v.replace('-', '_')}_model_mb (bar 110)"] = size[("dense", v)] / 1e6
     if ("dense", "pte-fp32") in size:

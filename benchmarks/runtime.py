@@ -9,8 +9,8 @@ in the same run.
                                                 # (+5-15 min the first time, to build llama.cpp,
                                                 # and ~10 min for the export_llm peer)
 
-Needs the bundles of `benchmarks/export.py` (bundles/smollm2-{dense,fasp30}-{pte-fp32,pte-8da4w,pte-8da4w-gptq,
-onnx-fp32}; pte-8da4w is the default 4-bit recipe, pte-8da4w-gptq the calibrated symmetric one);
+Needs the bundles of `benchmarks/export.py` (bundles/smollm2-{dense,fasp30}-{pte-fp32,pte-8da4w,pte-8da4w-asym,
+onnx-fp32}; pte-8da4w is the default 4-bit recipe (calibrated symmetric groups), pte-8da4w-asym the asymmetric one);
 makes the optimum export (bundles/smollm2-dense-optimum-onnx) and the export_llm peer
 (bundles/smollm2-dense-etllm-8da4w) if absent. Runs `fasp-edge bench` into
 benchmarks/results/runtime/ (bench.json, bench.md, plots) and writes benchmarks/results/runtime.{json,md}
@@ -76,13 +76,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("dense", "fasp30")
-VARIANTS = ("pte-fp32", "pte-8da4w", "pte-8da4w-gptq", "onnx-fp32")
-#: the 4-bit variants: the default recipe (asymmetric groups) and the calibrated symmetric one (--qparams gptq)
-FOUR_BIT = ("pte-8da4w", "pte-8da4w-gptq")
+VARIANTS = ("pte-fp32", "pte-8da4w", "pte-8da4w-asym", "onnx-fp32")
+#: the 4-bit variants: the default recipe (calibrated symmetric groups) and the asymmetric one (--qparams asymmetric)
+FOUR_BIT = ("pte-8da4w", "pte-8da4w-asym")
 BARS = {"fasp30_pte_8da4w_decode_vs_dense_pte_8da4w": 1.25,
-        "fasp30_pte_8da4w_gptq_decode_vs_dense_pte_8da4w_gptq": 1.25,
+        "fasp30_pte_8da4w_asym_decode_vs_dense_pte_8da4w_asym": 1.25,
         "fasp30_pte_fp32_decode_vs_dense_pte_fp32": 1.20, "our_onnx_decode_vs_optimum": 1.0,
-        "dense_pte_8da4w_decode_vs_llama_cpp_q4_0": 1.5, "dense_pte_8da4w_gptq_decode_vs_llama_cpp_q4_0": 1.5}
+        "dense_pte_8da4w_decode_vs_llama_cpp_q4_0": 1.5, "dense_pte_8da4w_asym_decode_vs_llama_cpp_q4_0": 1.5}
 #: what every stock-runner and llama.cpp generation is asked: this prompt, this many new tokens, greedy
 PROMPT = "The history of the city begins"
 NEW_TOKENS = 64
@@ -749,6 +749,14 @@ def main() -> None:
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
 
+    def speedup(pruned: str, dense: str, profile: str) -> float | None:
+        """The bench's own decode speed-up of ``pruned`` over ``dense`` (the median of its per-round ratios, the
+        two rows measured back to back in each round), when that row's reference is ``dense``."""
+        vs = (rows.get((f"smollm2-{pruned}", "pte", profile)) or {}).get("vs_dense") or {}
+        if vs.get("reference") == f"smollm2-{dense}" and vs.get("decode_speedup"):
+            return round(vs["decode_speedup"], 3)
+        return ratio(decode(pruned, "pte", profile), decode(dense, "pte", profile))
+
     def stock(bundle: str) -> float | None:
         return (runner.get(f"smollm2-{bundle}") or {}).get("median")
 
@@ -788,7 +796,7 @@ def main() -> None:
     bars: dict[str, dict] = {}
     info: dict[str, dict] = {}
     for prof in args.profiles.split(","):
-        got = {k: ratio(decode(a, "pte", prof), decode(b, "pte", prof)) for k, (a, b) in pairs.items()}
+        got = {k: speedup(a, b, prof) for k, (a, b) in pairs.items()}
         got["our_onnx_decode_vs_optimum"] = ratio(decode("dense-onnx-fp32", "onnx", prof),
                                                   decode("dense-optimum-onnx", "onnx", prof))
         bars[prof] = {k: {"value": v, "bar": BARS[k], "met": v is not None and v >= BARS[k]} for k, v in got.items()}
@@ -845,7 +853,7 @@ def main() -> None:
                   f"a warm-up in each of {peer.get('rounds')} fresh processes (same run). Files made by llama.cpp's own "
                   f"quantizer from {peer['source_gguf']}, the Q4_1 GGUF our dense model is dequantized from, so the "
                   "same dense weights:", "",
-                  "| llama.cpp | decode tok/s | dense pte-8da4w (TextLLMRunner) / it | dense pte-8da4w-gptq / it "
+                  "| llama.cpp | decode tok/s | dense pte-8da4w (TextLLMRunner) / it | dense pte-8da4w-asym / it "
                   "| TTFT ms | load s | size MB | tensor types |", "|---|---|---|---|---|---|---|---|"]
         for q, v in peer["quants"].items():
             if v["status"] != "ok":

@@ -78,19 +78,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", default="none", help="none (fp32, default), 8da4w (pte: 4-bit weights, groups of 32) "
                    "or int8 (onnx: dynamic int8 weights)")
     p.add_argument("--max-context", type=_positive_int, default=512, help="KV-cache length in tokens (default 512)")
-    p.add_argument("--qparams", default=None, help="8da4w weight grid: asymmetric (default: min/max groups, exact on "
-                   "GGUF Q4 weights), gptq (symmetric, calibrated: smoothing + GPTQ), hqq_scale_only or affine (torchao's "
-                   "symmetric ones)")
+    p.add_argument("--qparams", default=None, help="8da4w weight grid: gptq (default: symmetric, calibrated: "
+                   "smoothing + GPTQ, the fastest decode), asymmetric (min/max groups, exact on GGUF Q4 weights, one "
+                   "offset Linear more per Linear), hqq_scale_only or affine (torchao's symmetric ones)")
     p.add_argument("--keep-8bit", default=None, help="8da4w: comma-separated Linear names (suffixes, e.g. down_proj) "
-                   "kept at 8-bit per-channel weights")
+                   "kept at 8-bit per-channel weights (default for gptq: down_proj,v_proj,k_proj; for the others: none)")
     p.add_argument("--lm-head", default=None, help="8da4w LM head weights: 8bit (default) or 4bit")
     p.add_argument("--embedding-quant", default=None, help="8da4w token embedding: 8bit (default; a tied table shares the "
                    "8-bit LM head's bytes), 4bit (asymmetric groups of 32) or none (fp32)")
     p.add_argument("--quality-text", default=None, help="text file the artifacts' quality is measured on (e.g. "
                    "WikiText-2 test); default: text the model writes itself")
-    p.add_argument("--calib-text", default=None, help="8da4w with --qparams gptq: validation text its quantizer "
-                   "calibrates on (never the --quality-text); default: text the model writes itself")
-    p.add_argument("--calib-windows", default=None, help="8da4w with --qparams gptq: a torch file of token windows "
+    p.add_argument("--calib-text", default=None, help="8da4w (gptq): validation text its quantizer calibrates on "
+                   "(never the --quality-text); default: text the model writes itself")
+    p.add_argument("--calib-windows", default=None, help="8da4w (gptq): a torch file of token windows "
                    "[n, T] to calibrate on instead (e.g. a fasp-edge run's calibration stage's windows.pt)")
     p.add_argument("--quality-windows", type=int, default=4, help="windows of 512 tokens fed through each artifact "
                    "to measure its quality against the PyTorch model (default 4; 0 skips)")
@@ -228,10 +228,8 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import dataclasses
-
     from .export.bundle import check_export_arguments, describe, export_bundle
-    from .export.quantize import DEFAULT_RECIPE
+    from .export.quantize import Recipe
     from .fsutil import check_output_dir
     from .models.loading import load_model
     from .pipeline.calibration import read_text_file
@@ -244,7 +242,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         given["keep_8bit"] = [n.strip() for n in args.keep_8bit.split(",") if n.strip()]
     if given and args.quant != "8da4w":
         raise InvalidArgument("--qparams, --lm-head, --embedding-quant and --keep-8bit apply to --quant 8da4w only")
-    recipe = dataclasses.replace(DEFAULT_RECIPE, **given)
+    recipe = Recipe(**given)  # what is not given takes the default, the 8-bit Linears the grid's own list
     recipe.check()
     if args.quality_windows < 0:
         raise InvalidArgument(f"--quality-windows must be >= 0, got {args.quality_windows}")
@@ -253,6 +251,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise InvalidArgument("--calib-text and --calib-windows apply to --quant 8da4w only")
     if args.calib_text and args.calib_windows:
         raise InvalidArgument("give --calib-text or --calib-windows, not both")
+    if (args.calib_text or args.calib_windows) and not recipe.calibrated:
+        raise InvalidArgument(f"--qparams {recipe.qparams} does not calibrate; drop --calib-text / --calib-windows "
+                              "or use --qparams gptq")
     calib = read_text_file(args.calib_text) if args.calib_text else None
     windows = None
     if args.calib_windows:

@@ -56,6 +56,21 @@ def test_static_decoder_matches_source_model(any_model, pruned):
         assert res["max_abs_diff"] < 1e-4, (name, pad, res)
 
 
+def test_one_stage_at_a_time_equals_the_whole_forward(any_model):
+    """embed_window, run_block per block and head_logits (what block-by-block calibration runs) give the logits of
+    forward(window, [0]) at every position."""
+    name, build = any_model
+    decoder = ExportDecoder(_pruned(build), max_context=MAX_CONTEXT, cache="static", full_logits=True).eval()
+    window = random_windows(1, 20, seed=4)
+    with torch.no_grad():
+        ref = decoder(window, torch.tensor([0]))
+        x = decoder.embed_window(window)
+        for i in range(len(decoder.blocks)):
+            x = decoder.run_block(i, x)
+        got = decoder.head_logits(x)
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5, name
+
+
 def test_static_decoder_layout_and_reset():
     model = _pruned(MODEL_BUILDERS["llama-gqa"])
     decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
@@ -181,6 +196,7 @@ def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, b
     weights in the .ptd; one decomposition pass and gated edge passes: the same bytes), and ExecuTorch's own pass
     manager and edge-manager builder are back in place afterwards."""
     import contextlib
+    import copy
     import hashlib
     import sys
 
@@ -209,7 +225,8 @@ def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, b
         if mode == "full":
             monkeypatch.setattr(et, "_one_decomposition_pass", contextlib.nullcontext)
             monkeypatch.setattr(et, "_applicable_edge_passes", contextlib.nullcontext)
-        decoder = ExportDecoder(model, max_context=MAX_CONTEXT, cache="static").eval()
+        # a copy each time, as export_bundle quantizes one: smoothing rescales the model's own norms and Linears
+        decoder = ExportDecoder(copy.deepcopy(model), max_context=MAX_CONTEXT, cache="static").eval()
         if quant:
             quantize_decoder(decoder, Recipe(qparams=quant), calibration=random_windows(4, 16, seed=1))
         calls.clear()

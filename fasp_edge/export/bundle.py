@@ -45,7 +45,7 @@ PTE_DATA_FILE = "model.ptd"  # the .pte's external constants (ExecuTorch named d
 QUALITY_WINDOWS = 4  # teacher-forced windows through each artifact's runtime ...
 QUALITY_SEQLEN = 512  # ... of this many tokens (or the context length, if shorter)
 QUALITY_SEED = 1234  # seed of self-written quality text (not the calibration seeds 0, or agreement's)
-CALIBRATION_WINDOWS = 32  # windows the calibrated 4-bit quantizer (--qparams gptq) gathers statistics on ...
+CALIBRATION_WINDOWS = 32  # windows the calibrated 4-bit quantizer (the default, --qparams gptq) gathers statistics on ...
 CALIBRATION_SEQLEN = 256  # ... of this many tokens (or the context length, if shorter) ...
 CALIBRATION_SEED = 0  # ... self-written with this seed when no --calib-text is given
 
@@ -200,7 +200,8 @@ def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: in
 def quantizer_windows(loaded: LoadedModel, *, text: str | None = None, windows: int = CALIBRATION_WINDOWS,
                       seqlen: int = CALIBRATION_SEQLEN, weights_sha256: str | None = None,
                       progress: bool = True) -> tuple[torch.Tensor, dict]:
-    """The token windows ``--qparams gptq`` calibrates on: windows of ``text`` drawn as pruning draws them
+    """The token windows the calibrated 4-bit recipe (the default, ``--qparams gptq``) calibrates on: windows of
+    ``text`` drawn as pruning draws them
     (:func:`~fasp_edge.pipeline.calibration.calibration_windows`, seed :data:`CALIBRATION_SEED`; give validation
     text, never the text quality is measured on; a short text gives fewer windows), or text the model writes
     itself with that seed (another than the quality text's), cached like :func:`quality_windows`."""

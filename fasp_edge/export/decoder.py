@@ -400,13 +400,18 @@ class ExportDecoder(nn.Module):
             return None, None
         return self.rope_cos.narrow(0, start, t)[None, None], self.rope_sin.narrow(0, start, t)[None, None]
 
-    def _head(self, x: torch.Tensor, step) -> torch.Tensor:
-        if not self.full_logits:
-            x = x[:, -1:, :]
+    def _head_input(self, x: torch.Tensor, step) -> torch.Tensor:
+        """What the LM head reads: the last block's output through the final norm (and OPT's ``project_out``)."""
         if self.final_norm is not None:
             x = step.norm(self.final_norm, x)
         if self.project_out is not None:
             x = self.project_out(x)
+        return x
+
+    def _head(self, x: torch.Tensor, step) -> torch.Tensor:
+        if not self.full_logits:
+            x = x[:, -1:, :]
+        x = self._head_input(x, step)
         if self.cache == "static" and not self.full_logits:
             # [1, 1, hidden] -> [1, hidden] before the head: a view XNNPACK keeps (a select of the logits
             # would run outside the delegate)
@@ -422,6 +427,23 @@ class ExportDecoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, *args: torch.Tensor):
         return self._forward_static(tokens, args[0]) if self.cache == "static" else self._forward_io(tokens, args)
+
+    # ---------------------------------------------------------------- one stage at a time (static mode, eager)
+    # A window run piece by piece, positions from 0, as ``forward(window, [0])`` runs it whole: what a quantizer
+    # that calibrates block after block (``quantize.calibrated_4bit``) needs.
+    def embed_window(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first block's input for ``tokens [1, T]`` at positions ``0..T-1``."""
+        return self._embed(tokens, 0, tokens.shape[1])
+
+    def run_block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Block ``i`` on ``x [1, T, hidden]`` at positions ``0..T-1`` (it writes its own cache, as forward does)."""
+        t = x.shape[1]
+        rope = (self.rope_cos.narrow(1, 0, t), self.rope_sin.narrow(1, 0, t), self.rope_rot) if self.rope else None
+        return self.blocks[i](x, _StaticStep(self, 0, rope), i)
+
+    def head_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The logits of every position of the last block's output ``x [1, T, hidden]``."""
+        return self.lm_head(self._head_input(x, _StaticStep(self, 0, None)))
 
     def _forward_static(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]
