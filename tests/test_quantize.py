@@ -291,6 +291,28 @@ def test_calibration_goes_block_by_block(build, monkeypatch):
     assert torch.allclose(got, after, rtol=1e-4, atol=1e-6 * after.abs().max().item())
 
 
+def test_statistics_pass_stops_once_every_input_is_recorded():
+    """input_grams stops each call once every Linear asked for has its input: a block's q/o/gate/up statistics
+    leave gate, up and down unrun, and equal those of a whole forward pass."""
+    decoder = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64, cache="static", full_logits=True).eval()
+    blk = decoder.blocks[0]
+    names = {"blocks.0.attn.q_proj": blk.attn.q_proj, "blocks.0.attn.o_proj": blk.attn.o_proj,
+             "blocks.0.gate_proj": blk.gate_proj, "blocks.0.up_proj": blk.up_proj}
+    hidden = [decoder.embed_window(w[None]) for w in CALIB]
+    ran = []
+    hooks = [m.register_forward_hook(lambda m, i, o, n=n: ran.append(n)) for n, m in
+             (("gate", blk.gate_proj), ("up", blk.up_proj), ("down", blk.down_proj))]
+    early = input_grams(lambda x: decoder.run_block(0, x), hidden, names)
+    for h in hooks:
+        h.remove()
+    assert ran == [] and early["blocks.0.gate_proj"] is early["blocks.0.up_proj"]
+    full = {}
+    for n, m in names.items():  # one Linear at a time: nothing to stop early for until its own input
+        full.update(input_grams(lambda x: decoder.run_block(0, x), hidden, {n: m}))
+    for n in names:
+        assert torch.equal(early[n], full[n]), n
+
+
 def test_gptq_recipe_calibrates_and_needs_windows():
     decoder = ExportDecoder(MODEL_BUILDERS["llama-gqa"](), max_context=64, cache="static", full_logits=True).eval()
     tokens = random_windows(1, 12, seed=3)

@@ -134,12 +134,20 @@ class DynamicQuantLinear(nn.Module):
         s, z = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
         x = qd.dequantize_per_token(qd.quantize_per_token(x, s, z, -128, 127, torch.int8), s, z, -128, 127,
                                     torch.int8, torch.float32)
-        if self.bits == 4:
-            w = qd.dequantize_per_channel_group(self.weight_int, self.scales, self.zero_points, -8, 7, torch.int8,
-                                                self.group, torch.float32)
-        else:
-            w = qd.dequantize_per_channel(self.weight_int, self.scales, self.zero_points, 0, -128, 127, torch.int8)
+        w = None if torch.compiler.is_exporting() else self.__dict__.get("_eager_weight")
+        if w is None:
+            if self.bits == 4:
+                w = qd.dequantize_per_channel_group(self.weight_int, self.scales, self.zero_points, -8, 7, torch.int8,
+                                                    self.group, torch.float32)
+            else:
+                w = qd.dequantize_per_channel(self.weight_int, self.scales, self.zero_points, 0, -128, 127, torch.int8)
+            if not torch.compiler.is_exporting():
+                self.__dict__["_eager_weight"] = w  # run eagerly again and again by calibration: dequantized once
         return F.linear(x, w, self.bias)
+
+    def drop_eager_weight(self) -> None:
+        """Free the fp32 copy of the weight that eager calls keep (export traces the integer form)."""
+        self.__dict__.pop("_eager_weight", None)
 
 
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,40 +333,65 @@ def gptq_4bit(w: torch.Tensor, gram: torch.Tensor, group: int = GROUP_SIZE) -> t
     return q, scales
 
 
+class _AllInputsSeen(Exception):
+    """Raised inside a calibration pass once every Linear asked for has had its input recorded."""
+
+
+def _siblings(name: str) -> list[str]:
+    """The other Linears of :data:`SIBLINGS` beside ``name`` (same parent module): they read its input tensor."""
+    parent, _, leaf = name.rpartition(".")
+    group = next((g for g in SIBLINGS if leaf in g), ())
+    return [f"{parent}.{n}" if parent else n for n in group if n != leaf]
+
+
 @torch.no_grad()
 def input_grams(run, inputs, linears: dict[str, nn.Linear], progress: bool = False,
                 desc: str = "calibration statistics") -> dict[str, torch.Tensor]:
     """``XᵀX`` (float64, :class:`~fasp_edge.pipeline.stats.InputStatistics`) of the input of each Linear in
     ``linears`` while ``run(x)`` is called on each ``x`` of ``inputs`` (e.g. a block of an
-    :class:`~.decoder.ExportDecoder` on its input hidden states). Linears that read one tensor (q/k/v, gate/up)
-    get the same matrix object."""
+    :class:`~.decoder.ExportDecoder` on its input hidden states). Linears that read one tensor (the
+    :data:`SIBLINGS`: q/k/v, gate/up) get the same matrix object. Each call of ``run`` stops as soon as every
+    Linear's input is recorded: a block's statistics for q/o/gate/up skip its three MLP products."""
     from tqdm.auto import tqdm
 
     from ..pipeline.stats import InputStatistics
 
     stats: dict[str, InputStatistics] = {}
     alias: dict[str, str] = {}
-    last = {"x": None, "name": None}
+    wanted = set(linears)
+    read: dict[str, torch.Tensor] = {}  # this call's input of each Linear recorded (or aliased)
 
     def hook(name):
-        def fn(mod, inp, out):
-            x = inp[0]
-            if x is last["x"]:  # a sibling of the Linear just seen: the same input, counted once
-                alias[name] = last["name"]
+        def fn(mod, args):
+            x = args[0]
+            if name in read:  # a sibling that was recorded through another: it must read the same tensor
+                if read[name] is not x:
+                    raise RuntimeError(f"{name} does not read its siblings' input; calibration cannot share it")
                 return
-            last["x"], last["name"] = x, name
             stats.setdefault(name, InputStatistics(x.shape[-1])).update(x)
+            read[name] = x
+            for sib in _siblings(name):
+                if sib in wanted:
+                    alias.setdefault(sib, name)
+                    read[sib] = x
+            if wanted <= read.keys():
+                raise _AllInputsSeen
         return fn
 
-    hooks = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
     try:
         for x in tqdm(inputs, desc=desc, disable=not progress, leave=False):
-            run(x)
+            read.clear()
+            try:
+                run(x)
+            except _AllInputsSeen:
+                pass
     finally:
         for h in hooks:
             h.remove()
+        read.clear()
     grams = {name: st.gram for name, st in stats.items()}
-    return {**grams, **{name: grams[owner] for name, owner in alias.items()}}
+    return {**grams, **{name: grams[owner] for name, owner in alias.items() if owner in grams}}
 
 
 @dataclass
@@ -505,19 +538,24 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
         if outside:  # before the blocks: OPT's project_in
             calibrate(decoder.embed_window, (w[None] for w in windows), outside)
         hidden = [decoder.embed_window(w[None]) for w in windows]
+        now = dict(decoder.named_modules())
+        rest = {f: now[f] for f in outside if isinstance(now[f], nn.Linear)}  # not quantized before the blocks
+        last = len(decoder.blocks) - 1
         for i, block in enumerate(tqdm(decoder.blocks, desc="calibrated 4-bit", disable=not progress, leave=False)):
             inside = {id(m) for m in block.modules()}
             calibrate(lambda x, i=i: decoder.run_block(i, x), hidden,
                       {f: lin for f, lin in lins.items() if id(lin) in inside},
                       [p for p in pairs if id(p.consumers[0]) in inside])
             _replace(decoder, {f for f in eight if id(modules[f]) in inside}, DynamicQuantLinear.int8_per_channel)
-            hidden = [decoder.run_block(i, x) for x in hidden]
-        now = dict(decoder.named_modules())
-        rest = {f: now[f] for f in outside if isinstance(now[f], nn.Linear)}  # not quantized before the blocks
+            if i < last or rest:
+                hidden = [decoder.run_block(i, x) for x in hidden]
         if rest:  # after the blocks: OPT's project_out, a 4-bit LM head
             calibrate(decoder.head_logits, hidden, rest)
     finally:
         decoder.reset_cache()
+        for m in decoder.modules():
+            if isinstance(m, DynamicQuantLinear):
+                m.drop_eager_weight()
     return {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "order": "block by block",
             "smoothed_pairs": sum(a > 0 for a in exponents), "pairs": len(exponents),
             "mean_smoothing_exponent": round(sum(exponents) / max(len(exponents), 1), 3)}
