@@ -306,6 +306,24 @@ def test_torch_backend_refuses_a_different_model(stories_bundles, tmp_path):
     assert res["status"] == "skipped" and "not the one this bundle was exported from" in res["reason"]
 
 
+def test_one_pytorch_model_gets_one_torch_row_however_its_bundles_name_it():
+    """Two bundles of the same weights, one recording a relative folder and one an absolute one: one torch row per
+    profile, the other skipped; other weights get their own row."""
+    from pathlib import Path
+
+    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime_bench.harness import Target, plan
+
+    def target(label, source, sha):
+        return Target(label, Bundle(Path(label), {"model": {"source": source, "weights_sha256": sha},
+                                                  "artifacts": {"pte": {}}}))
+
+    targets = [target("q4", "/w/out/fasp", "a" * 64), target("q4-asym", "out/fasp", "a" * 64),
+               target("dense", "/w/dense", "b" * 64)]
+    jobs = [(kind, t.label) for kind, t, backend, _profile, _ in plan(targets, ["torch"], [TINY]) if backend == "torch"]
+    assert jobs == [("run", "q4"), ("skip", "q4-asym"), ("run", "dense")]
+
+
 def test_quantized_rows_are_compared_like_with_like():
     """A pruned 4-bit bundle is compared with the dense 4-bit one; the ratio to dense fp32 is kept apart."""
     from pathlib import Path

@@ -246,7 +246,8 @@ def load_model(source: str | os.PathLike | None = None, *, gguf_file: str | os.P
         if "fasp" in config:
             from ..pipeline.checkpoint import load_pruned
 
-            return LoadedModel(load_pruned(folder), load_tokenizer(str(folder)), str(folder))
+            # the absolute path: a bundle records it as the PyTorch model it came from, read from any folder
+            return LoadedModel(load_pruned(folder), load_tokenizer(str(folder)), str(folder.resolve()))
         if config.get("auto_map") and not trust_remote_code:
             raise ModelLoadError(f"{folder} needs custom code (config.json has auto_map); fasp-edge does "
                                  "not run it unless you pass --trust-remote-code")

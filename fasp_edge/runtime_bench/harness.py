@@ -188,7 +188,8 @@ def plan(targets: list[Target], backends: list[str], profiles: list[Profile], om
                                                                     "backend only"))
                 elif backend == "torch":
                     src = torch_source(target)
-                    key = (profile.name, src)
+                    # one PyTorch model is one set of weights, however its bundles name its folder
+                    key = (profile.name, target.manifest["model"].get("weights_sha256") or src)
                     if key in torch_seen:
                         jobs.append(("skip", target, backend, profile,
                                      f"same PyTorch model as bundle {torch_seen[key]} (the torch backend runs the "
