@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "[n, T] to calibrate on instead (e.g. a fasp-edge run's calibration stage's windows.pt)")
     p.add_argument("--quality-windows", type=int, default=4, help="windows of 512 tokens fed through each artifact "
                    "to measure its quality against the PyTorch model (default 4; 0 skips)")
+    p.add_argument("--quality-tokens", default=None, help="a torch file of token windows [n, T] to measure the "
+                   "quality on instead of --quality-text (e.g. the windows.pt of a fasp-edge run's held-out text)")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
@@ -227,6 +229,19 @@ def _cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_windows(path: str | None, flag: str, example: str):
+    """The tensor of token ids saved at ``path`` (None without one), or a one-line error naming ``flag``."""
+    if not path:
+        return None
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (absent, not a torch file, not a tensor)
+        raise InvalidArgument(f"{flag} {path}: cannot read a tensor of token ids ({type(e).__name__}); "
+                              f"give the windows.pt of {example}") from None
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export.bundle import check_export_arguments, describe, export_bundle
     from .export.quantize import Recipe
@@ -246,6 +261,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     recipe.check()
     if args.quality_windows < 0:
         raise InvalidArgument(f"--quality-windows must be >= 0, got {args.quality_windows}")
+    if args.quality_text and args.quality_tokens:
+        raise InvalidArgument("give --quality-text or --quality-tokens, not both")
     text = read_text_file(args.quality_text) if args.quality_text else None
     if (args.calib_text or args.calib_windows) and args.quant != "8da4w":
         raise InvalidArgument("--calib-text and --calib-windows apply to --quant 8da4w only")
@@ -255,21 +272,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise InvalidArgument(f"--qparams {recipe.qparams} does not calibrate; drop --calib-text / --calib-windows "
                               "or use --qparams gptq")
     calib = read_text_file(args.calib_text) if args.calib_text else None
-    windows = None
-    if args.calib_windows:
-        import torch
-
-        try:
-            windows = torch.load(args.calib_windows, weights_only=True)
-        except Exception as e:  # noqa: BLE001  (absent, not a torch file, not a tensor)
-            raise InvalidArgument(f"--calib-windows {args.calib_windows}: cannot read a tensor of token ids "
-                                  f"({type(e).__name__}); give the windows.pt of a calibration stage") from None
+    windows = _token_windows(args.calib_windows, "--calib-windows", "a calibration stage")
+    quality_tokens = _token_windows(args.quality_tokens, "--quality-tokens", "a run's held-out text")
     check_output_dir(args.output, args.overwrite)
     loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
     t0 = time.perf_counter()
     bundle = export_bundle(loaded, args.output, formats=formats, quant=args.quant, max_context=args.max_context,
                            overwrite=args.overwrite, recipe=recipe, quality_text=text,
-                           quality_windows_count=args.quality_windows, calibration_text=calib,
+                           quality_windows_count=args.quality_windows, quality_tokens=quality_tokens,
+                           calibration_text=calib,
                            calibration=windows, progress=not args.quiet)
     info = describe(bundle)
     par, qual = bundle.manifest["parity"], bundle.manifest.get("quality", {})

@@ -100,9 +100,39 @@ def test_self_generated_windows_are_seeded_samples_from_bos():
     assert 0 <= int(a.windows.min()) and int(a.windows.max()) < loaded.model.config.vocab_size
     assert torch.equal(a.windows, b.windows) and not torch.equal(a.windows, c.windows)  # same seed, same text
     assert a.description["self_generated"] and a.description["temperature"] == 1.0
+    assert a.description["sampler"] == "inverse-cdf" and a.description["batch"] == 2
     # real text from the model: TinyStories-like, so mostly ordinary tokens rather than noise
     text = loaded.tokenizer.decode(a.windows[0])
     assert len(text.split()) >= 5
+
+
+def test_sampled_tokens_follow_the_softmax_and_never_draw_impossible_ones():
+    from fasp_edge.pipeline.calibration import sample_tokens
+
+    logits = torch.log(torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]))  # tokens 1 and 4 impossible
+    gen = torch.Generator().manual_seed(0)
+    draws = sample_tokens(logits.expand(40_000, -1), gen)
+    freq = torch.bincount(draws, minlength=5).double() / draws.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    assert torch.allclose(freq[[0, 2, 3]], torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.01)
+    again = sample_tokens(logits.expand(40_000, -1), torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)  # seeded
+    # a peaked row gives its argmax; rows are drawn independently
+    peaked = torch.full((3, 7), -1e4)
+    peaked[torch.arange(3), torch.tensor([6, 0, 3])] = 0.0
+    assert sample_tokens(peaked, gen).tolist() == [6, 0, 3]
+
+
+def test_sampling_batch_is_capped_by_the_kv_cache_it_needs():
+    from types import SimpleNamespace
+
+    from fasp_edge.pipeline.calibration import SELF_CACHE_BYTES, _sampling_batch
+
+    small = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, num_attention_heads=9, hidden_size=576)
+    assert _sampling_batch(small, 256, 32) == 32
+    big = SimpleNamespace(num_hidden_layers=32, num_key_value_heads=32, num_attention_heads=32, hidden_size=4096)
+    per_row = 2 * 32 * 4096 * 2048 * 4
+    assert _sampling_batch(big, 2048, 32) == max(1, SELF_CACHE_BYTES // per_row) < 32
 
 
 @requires_shared(STORIES)

@@ -278,6 +278,49 @@ def test_pte_8da4w_calibrated_recipe_records_its_calibration(tmp_path):
 
 
 @needs_stories
+def test_quality_can_be_measured_on_given_token_windows(tmp_path):
+    """A run's held-out text, given as token windows: the first --quality-windows of them are fed through the
+    artifact, the manifest says so; bad windows, or windows beside a quality text, are refused in one line."""
+    from fasp_edge.errors import InvalidArgument
+
+    loaded = load_model(STORIES)
+    tokens = torch.randint(3, loaded.model.config.vocab_size, (6, 40), generator=torch.Generator().manual_seed(0))
+    b = export_bundle(loaded, tmp_path / "b", formats=["pte"], max_context=128, progress=False,
+                      quality_tokens=tokens, quality_windows_count=4)
+    q = b.manifest["quality"]["pte"]
+    assert q["text"] == "given windows" and q["windows"] == 4 and q["seqlen"] == 40 and q["positions"] == 4 * 39
+    assert b.manifest["export_settings"]["quality"] == {"text": "given windows", "windows": 4, "seqlen": 40}
+    assert abs(q["perplexity_ratio"] - 1) < 1e-3  # fp32: the PyTorch model's quality
+    for bad, kwargs in ((tokens.float(), {}), (tokens + 10**6, {}), (torch.zeros(1, 200, dtype=torch.long), {}),
+                        (tokens, {"quality_text": TINYSTORIES.read_text()})):
+        with pytest.raises(InvalidArgument):
+            export_bundle(loaded, tmp_path / "bad", formats=["pte"], max_context=128, progress=False,
+                          quality_tokens=bad, **kwargs)
+        assert not (tmp_path / "bad").exists()
+
+
+def test_cli_refuses_quality_text_beside_quality_tokens(tmp_path, capsys):
+    from fasp_edge.cli import main
+
+    assert main(["export", "--formats", "pte", "--quality-text", "a.txt", "--quality-tokens", "w.pt",
+                 "-o", str(tmp_path / "b")]) == 2
+    assert "give --quality-text or --quality-tokens, not both" in capsys.readouterr().err
+    assert main(["export", "--formats", "pte", "--quality-tokens", str(tmp_path / "none.pt"),
+                 "-o", str(tmp_path / "b")]) == 2
+    assert "--quality-tokens" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
+def test_a_run_measures_quality_on_its_heldout_text_only_when_it_is_long_enough():
+    from fasp_edge.pipeline.run import heldout_measures_quality
+
+    assert heldout_measures_quality((4, 512), 512)  # the default: 4 x 512 held-out tokens, context 512
+    assert heldout_measures_quality((8, 128), 128)  # a short context measures windows of its length
+    assert not heldout_measures_quality((8, 256), 512)  # shorter windows than an export measures by itself
+    assert not heldout_measures_quality((3, 512), 512)  # fewer windows
+    assert not heldout_measures_quality((4, 600), 512)  # longer than the artifact's cache
+
+
+@needs_stories
 def test_quantizer_windows_from_text_are_drawn_as_pruning_draws_them():
     from fasp_edge.errors import InvalidArgument
     from fasp_edge.export.bundle import quantizer_windows

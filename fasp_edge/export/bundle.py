@@ -218,26 +218,27 @@ def quantizer_windows(loaded: LoadedModel, *, text: str | None = None, windows: 
                          "seed": CALIBRATION_SEED}
 
 
-def check_calibration_windows(windows, vocab_size: int, max_context: int) -> torch.Tensor:
+def check_calibration_windows(windows, vocab_size: int, max_context: int, what: str = "calibration") -> torch.Tensor:
     """``windows`` as int64 ``[n, T]`` token ids, or a one-line error saying what is wrong with them."""
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0 \
             or windows.dtype.is_floating_point or windows.dtype == torch.bool:
-        raise InvalidArgument("calibration windows must be a non-empty 2-D tensor of token ids [windows, tokens]")
+        raise InvalidArgument(f"{what} windows must be a non-empty 2-D tensor of token ids [windows, tokens]")
     if windows.shape[1] > max_context:
-        raise InvalidArgument(f"calibration windows of {windows.shape[1]} tokens exceed --max-context {max_context}")
+        raise InvalidArgument(f"{what} windows of {windows.shape[1]} tokens exceed --max-context {max_context}")
     if int(windows.min()) < 0 or int(windows.max()) >= vocab_size:
-        raise InvalidArgument(f"calibration windows hold token ids outside the model's vocabulary (0..{vocab_size - 1})")
+        raise InvalidArgument(f"{what} windows hold token ids outside the model's vocabulary (0..{vocab_size - 1})")
     return windows.long()
 
 
 def _self_written(loaded: LoadedModel, windows: int, seqlen: int, seed: int, weights_sha256: str | None,
                   progress: bool) -> tuple[torch.Tensor, dict]:
     """``windows`` sequences ``loaded``'s model writes from BOS with ``seed``, through :func:`cached_self_written`."""
-    from ..pipeline.calibration import SELF_TEMPERATURE, self_generated_windows
+    from ..pipeline.calibration import SELF_SAMPLER, SELF_TEMPERATURE, self_generated_windows
 
     source = {"text": "self-generated", "seed": seed, "windows": windows, "seqlen": seqlen}
     tok = loaded.tokenizer
-    key = {**source, "temperature": SELF_TEMPERATURE, "start": [tok.bos_token_id, tok.eos_token_id],
+    key = {**source, "temperature": SELF_TEMPERATURE, "sampler": SELF_SAMPLER,
+           "start": [tok.bos_token_id, tok.eos_token_id],
            "weights_sha256": weights_sha256 or state_dict_sha256(loaded.model), "torch": torch.__version__}
     return cached_self_written(key, lambda: self_generated_windows(
         loaded.model, tok, nsamples=windows, seqlen=seqlen, seed=seed, batch_size=windows,
@@ -324,13 +325,17 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                   quant: str = "none", max_context: int = 512, overwrite: bool = False,
                   parity_prefill: int = 64, parity_steps: int = 32, recipe: Recipe | None = None,
                   quality_text: str | None = None, quality_windows_count: int = QUALITY_WINDOWS,
+                  quality_tokens: torch.Tensor | None = None,
                   calibration_text: str | None = None, calibration: torch.Tensor | None = None,
                   progress: bool = True) -> Bundle:
     """Export ``loaded`` (dense or pruned) into a verified bundle at ``out``.
 
     ``recipe`` says how ``quant="8da4w"`` quantizes (default :data:`~.quantize.DEFAULT_RECIPE`). Every
     artifact's quality is measured through its own runtime on ``quality_windows_count`` windows of
-    ``quality_text`` (or of text the model writes itself) and recorded in the manifest; 0 skips it. A recipe
+    ``quality_text``, of the given token windows ``quality_tokens`` ``[n, T]`` (e.g. the held-out text a
+    ``fasp-edge run`` has the dense model write, so every artifact of the run is measured on one text; the first
+    ``quality_windows_count`` windows of at most ``max_context`` tokens), or of text the model writes itself,
+    and recorded in the manifest; 0 skips it. A recipe
     with ``qparams="gptq"`` calibrates on ``calibration`` (token windows ``[n, T]``, e.g. a ``fasp-edge run``'s
     calibration stage's), else on :func:`quantizer_windows` of ``calibration_text`` (validation text; without
     it, text the model writes itself).
@@ -354,7 +359,14 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
         settings["recipe"] = dataclasses.asdict(recipe)
     weights_sha256 = state_dict_sha256(model)
     quality_set, quality_source = None, None
-    if quality_windows_count > 0:
+    if quality_text is not None and quality_tokens is not None:
+        raise InvalidArgument("give the quality text or quality token windows, not both")
+    if quality_windows_count > 0 and quality_tokens is not None:
+        quality_set = check_calibration_windows(quality_tokens, model.config.vocab_size, max_context,
+                                                what="quality")[:quality_windows_count]
+        quality_source = {"text": "given windows", "windows": quality_set.shape[0], "seqlen": quality_set.shape[1]}
+        settings["quality"] = quality_source
+    elif quality_windows_count > 0:
         quality_set, quality_source = quality_windows(loaded, text=quality_text, windows=quality_windows_count,
                                                       seqlen=min(QUALITY_SEQLEN, max_context),
                                                       weights_sha256=weights_sha256, progress=progress)

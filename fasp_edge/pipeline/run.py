@@ -36,6 +36,7 @@ import torch
 from ..errors import FaspError, InvalidArgument
 from ..fsutil import atomic_write_text, sha256_file, state_dict_sha256
 from ..procutil import die_with_parent_fn
+from .calibration import SELF_SAMPLER
 from .config import ARTIFACTS, STAGES, RunConfig, model_label
 from .stages import StageResult, fingerprint, run_stage, sweep_temporaries
 
@@ -195,10 +196,11 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
                                 "weights": state_dict_sha256(dense.model)})
         calib = _calibrate(state, dense_fp, calib_file, text_fps["calibration"])
         pruned = _prune(state, dense_fp, calib)
-        evaluation = _evaluate(state, dense_fp, pruned, eval_file, text_fps["evaluate"])
+        evaluation, heldout = _evaluate(state, dense_fp, pruned, eval_file, text_fps["evaluate"])
         state._dense = None  # the exports and the bench run in child processes
         del dense
-        bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned, eval_file, text_fps["evaluate"], calib)
+        bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned, eval_file, text_fps["evaluate"], calib,
+                          heldout)
         from ..runtime_bench.measure import host_facts
 
         host = host_facts()
@@ -245,7 +247,8 @@ def _calibrate(state: RunState, dense_fp: str, calib_file: Path | None, file_fp:
         return None
     c = cfg["calibration"]
     settings = {k: c[k] for k in ("nsamples", "seqlen", "seed")}
-    settings.update({"file": file_fp} if calib_file else {"self_generated": True, "temperature": c["temperature"]})
+    settings.update({"file": file_fp} if calib_file else {"self_generated": True, "temperature": c["temperature"],
+                                                           "sampler": SELF_SAMPLER})
     fp = fingerprint(settings, [dense_fp])
 
     def build(tmp: Path) -> dict:
@@ -322,7 +325,8 @@ def prune_checkpoint(loaded, out: Path, *, sparsity: float, method: str, targets
 
 # ---------------------------------------------------------------------------------------- evaluate
 def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_file: Path | None,
-              file_fp: str | None) -> list[dict]:
+              file_fp: str | None) -> tuple[list[dict], StageResult | None]:
+    """Every model's metrics, and the held-out text stage (None without agreement)."""
     from ..models import family_for
     from ..models.base import count_embedding_parameters, count_parameters
     from .calibration import read_text_file, self_generated_windows
@@ -334,7 +338,7 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
     heldout = None
     if e["agreement_samples"]:
         settings = {"samples": e["agreement_samples"], "seqlen": e["agreement_seqlen"], "seed": e["agreement_seed"],
-                    "temperature": cfg["calibration"]["temperature"]}
+                    "temperature": cfg["calibration"]["temperature"], "sampler": SELF_SAMPLER}
 
         def build_heldout(tmp: Path) -> dict:
             loaded = state.dense()
@@ -378,7 +382,7 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
                           build)
         out.append({"label": entry.label, "sparsity": entry.sparsity, "path": str(entry.path) if entry.path else None,
                     "fingerprint": entry.fingerprint, **res.info})
-    return out
+    return out, heldout
 
 
 def _weights_bytes(checkpoint: Path | None, cfg: RunConfig) -> int | None:
@@ -406,15 +410,30 @@ class _ExportJob:
     fp: str
 
 
+def heldout_measures_quality(shape: tuple[int, ...] | torch.Size, max_context: int) -> bool:
+    """Whether held-out windows of ``shape`` ``[n, T]`` can serve as the exports' quality text: at least
+    :data:`~fasp_edge.export.bundle.QUALITY_WINDOWS` windows of ``min(QUALITY_SEQLEN, max_context)`` tokens,
+    none longer than the context (a shorter text would measure less than an export measures by itself)."""
+    from ..export.bundle import QUALITY_SEQLEN, QUALITY_WINDOWS
+
+    return shape[0] >= QUALITY_WINDOWS and min(QUALITY_SEQLEN, max_context) <= shape[1] <= max_context
+
+
 def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None, quality_fp: str | None,
-            calib: StageResult | None = None) -> list[dict]:
+            calib: StageResult | None = None, heldout: StageResult | None = None) -> list[dict]:
     from ..export.quantize import DEFAULT_RECIPE
 
     cfg = state.cfg
     x = cfg["export"]
-    # each artifact's quality is measured through its runtime on the evaluation text (or on self-written text);
-    # a 4-bit export whose recipe calibrates (the CLI's default one) does so on the run's calibration windows
-    quality = {"quality_text": quality_fp}
+    # each artifact's quality is measured through its runtime on the evaluation text, else on the held-out text
+    # the dense model wrote (one text for every artifact, sampled once) where it is long enough, else on text
+    # each model writes itself; a 4-bit export whose recipe calibrates (the CLI's default one) does so on the
+    # run's calibration windows
+    quality_tokens = None
+    if quality_file is None and heldout is not None and heldout_measures_quality(_windows(heldout).shape,
+                                                                                   x["max_context"]):
+        quality_tokens = heldout.folder / "windows.pt"
+    quality = {"quality_text": quality_fp} if quality_tokens is None else {"quality_tokens": heldout.fingerprint}
     if not DEFAULT_RECIPE.calibrated:
         calib = None
     calib_windows = calib.folder / "windows.pt" if calib is not None else None
@@ -450,6 +469,8 @@ def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None
                    "--max-context", str(x["max_context"]), "-o", str(work)]
             if quality_file:
                 cmd += ["--quality-text", str(quality_file)]
+            elif quality_tokens is not None:
+                cmd += ["--quality-tokens", str(quality_tokens)]
             if quant == "8da4w" and calib_windows is not None:
                 cmd += ["--calib-windows", str(calib_windows)]
             log_file = tmp / "export.log"
