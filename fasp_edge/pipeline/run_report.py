@@ -105,10 +105,12 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
                     rows))
         qs = [b["quality"] for b in doc["bundles"] if b.get("quality")]
         if qs:
+            text = {"given": "the evaluation text",
+                    "given windows": "the held-out text the dense model wrote (the agreement text), one text for "
+                                     "every artifact,"}.get(qs[0]["text"], "text each model wrote itself")
             out.append(("p", f"Quality of each artifact, measured through its own runtime: {qs[0]['windows']} windows of "
-                             f"{qs[0]['seqlen']} tokens of {'the evaluation' if qs[0]['text'] == 'given' else 'self-written'} "
-                             "text fed one token per call (teacher-forced), against the PyTorch model it was made "
-                             "from (perplexity ratio, next-token top-1 agreement)."))
+                             f"{qs[0]['seqlen']} tokens of {text} fed one token per call (teacher-forced), against the "
+                             "PyTorch model it was made from (perplexity ratio, next-token top-1 agreement)."))
         out.append(("p", "Parity: the artifact's logits against the PyTorch model over a 64-token prefill and 32 greedy "
                          "decode steps (fp32 artifacts must stay within 1e-4; 4-bit weights change the logits by design). "
                          + "; ".join(f"{a}: {_artifact_words(a)}" for a in dict.fromkeys(b["artifact"] for b in doc["bundles"]))
