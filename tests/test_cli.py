@@ -76,7 +76,7 @@ def test_prune_without_text_calibrates_on_self_generated_text(tmp_path, capsys):
     assert code == 0, err
     cal = json.loads((out / "config.json").read_text())["fasp"]["calibration"]
     assert cal == {"self_generated": True, "temperature": 1.0, "start_token": 1, "nsamples": 8, "seqlen": 64,
-                   "seed": 5}
+                   "seed": 5, "sampler": "inverse-cdf", "batch": 8}
     code, _, err = run_cli(capsys, "prune", STORIES, "--sparsity", "0.3", "--calib-temperature", "0",
                            "-o", tmp_path / "o")
     assert_one_line_error(code, err, "--calib-temperature must be > 0")
