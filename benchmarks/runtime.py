@@ -203,14 +203,19 @@ def _runner(folder: Path, new_tokens: int = NEW_TOKENS) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _runner_decode(folder: Path, rounds: int) -> list[float]:
-    """Decode tokens/s of ExecuTorch's TextLLMRunner on ``folder``: after the first token, 3 generations per
-    fresh process (the first a warm-up), ``rounds`` processes."""
-    out = []
-    for _ in range(rounds):
-        for st in _runner(folder)["stats"][1:]:
-            unit = st["SCALING_FACTOR_UNITS_PER_SECOND"]
-            out.append((st["generated_tokens"] - 1) / ((st["inference_end_ms"] - st["first_token_ms"]) / unit))
+def _runner_decode(folders: list[Path], rounds: int) -> dict[Path, list[float]]:
+    """Decode tokens/s of ExecuTorch's TextLLMRunner on each of ``folders``: after the first token, 3 generations
+    per fresh process (the first a warm-up), ``rounds`` processes each. Rounds go over all folders, every other
+    one in reverse order, so rows compared with each other (dense and pruned, ours and the peer) are measured
+    minutes apart at most and neither always first: this host's speed drifts by 20-40% within the hour."""
+    out: dict[Path, list[float]] = {f: [] for f in folders}
+    for r in range(rounds):
+        for folder in folders if r % 2 == 0 else folders[::-1]:
+            print(f"TextLLMRunner {folder.name} round {r + 1}/{rounds} ...", file=sys.stderr, flush=True)
+            for st in _runner(folder)["stats"][1:]:
+                unit = st["SCALING_FACTOR_UNITS_PER_SECOND"]
+                out[folder].append((st["generated_tokens"] - 1)
+                                   / ((st["inference_end_ms"] - st["first_token_ms"]) / unit))
     return out
 
 
@@ -708,25 +713,26 @@ def main() -> None:
             _etllm_prepare(etllm_dir, root / "smollm2-dense-pte-8da4w")
         print(" ".join(cmd[2:]), file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
+        ours = [b for b in bundles if (b / "model.pte").is_file()]
+        # the export_llm peer: the same runner, settings and rounds as our .pte rows, in the same rounds
+        peer_pte = [etllm_dir] if etllm["status"] == "ok" else []
+        try:
+            measured = _runner_decode(ours + peer_pte, args.rounds)
+        except RuntimeError as e:
+            if not peer_pte or str(etllm_dir) not in str(e):
+                sys.exit(f"runtime.py: {e}")
+            etllm["status"] = f"not measured: {_why(e)}"  # recorded, not fatal: measure ours alone
+            measured, peer_pte = _runner_decode(ours, args.rounds), []
         runner = {}
-        for b in bundles:
-            if (b / "model.pte").is_file():
-                print(f"TextLLMRunner {b.name} ...", file=sys.stderr, flush=True)
-                try:
-                    vals = sorted(_runner_decode(b, args.rounds))
-                except RuntimeError as e:
-                    sys.exit(f"runtime.py: {e}")
-                runner[b.name] = {"median": _upper_median(vals), "values": [round(v, 2) for v in vals]}
+        for b in ours:
+            vals = sorted(measured[b])
+            runner[b.name] = {"median": _upper_median(vals), "values": [round(v, 2) for v in vals]}
         runner_file.write_text(json.dumps(runner, indent=2) + "\n")
-        if etllm["status"] == "ok":  # the same runner, settings and rounds as our .pte rows, right after them
-            print(f"TextLLMRunner {ETLLM_BUNDLE} (export_llm peer) ...", file=sys.stderr, flush=True)
-            try:
-                vals = sorted(_runner_decode(etllm_dir, args.rounds))
-                etllm["decode_tokens_per_s"] = {"median": round(_upper_median(vals), 2),
-                                                "values": [round(v, 2) for v in vals]}
-                etllm["rounds"] = args.rounds
-            except Exception as e:  # recorded, not fatal
-                etllm["status"] = f"not measured: {_why(e)}"
+        if peer_pte:
+            vals = sorted(measured[etllm_dir])
+            etllm["decode_tokens_per_s"] = {"median": round(_upper_median(vals), 2),
+                                            "values": [round(v, 2) for v in vals]}
+            etllm["rounds"] = args.rounds
         etllm_file.write_text(json.dumps(etllm, indent=2) + "\n")
         if py is not None and peer["status"] == "ok":
             try:
@@ -844,7 +850,8 @@ def main() -> None:
                      f"{1000 * r['metrics']['ttft_s']['median']:.0f} | {r['memory']['model_rss_mb']:.0f} | "
                      f"{'fits' if r['memory']['verdict'] == 'within budget' else 'over'} ({r['memory']['budget_mb']}) | "
                      f"{r['artifact_bytes'] / 1e6:.0f} |")
-    lines += ["", "ExecuTorch's stock TextLLMRunner, 2 threads, 64 greedy tokens, median decode tok/s (same run): "
+    lines += ["", "ExecuTorch's stock TextLLMRunner, 2 threads, 64 greedy tokens, median decode tok/s (same run; "
+              "rounds over every .pte bundle and the export_llm peer, every other round reversed): "
               + ", ".join(f"{k.removeprefix('smollm2-')} {v['median']:.1f}" for k, v in runner.items()), ""]
     if peer.get("status") == "ok":
         lines += [f"llama.cpp (llama-cpp-python {peer['llama_cpp_python']}, built with CMAKE_ARGS "
