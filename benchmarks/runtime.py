@@ -194,12 +194,20 @@ def _runner_files(folder: Path) -> list[str]:
     return [str(folder / r["pte"]), str(folder / r["tokenizer"]), "", str(r["num_bos"])]
 
 
+class RunnerFailed(RuntimeError):
+    """TextLLMRunner failed on ``folder``."""
+
+    def __init__(self, folder: Path, message: str):
+        super().__init__(message)
+        self.folder = folder
+
+
 def _runner(folder: Path, new_tokens: int = NEW_TOKENS) -> dict:
     """One RUNNER process on ``folder``: the stats of its 3 generations and the first one's text."""
     proc = subprocess.run([sys.executable, "-c", RUNNER, *_runner_files(folder), PROMPT, str(new_tokens)],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     if proc.returncode != 0:
-        raise RuntimeError(f"TextLLMRunner on {folder} failed:\n{proc.stderr[-2000:]}")
+        raise RunnerFailed(folder, f"TextLLMRunner on {folder} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -718,8 +726,8 @@ def main() -> None:
         peer_pte = [etllm_dir] if etllm["status"] == "ok" else []
         try:
             measured = _runner_decode(ours + peer_pte, args.rounds)
-        except RuntimeError as e:
-            if not peer_pte or str(etllm_dir) not in str(e):
+        except RunnerFailed as e:
+            if e.folder not in peer_pte:
                 sys.exit(f"runtime.py: {e}")
             etllm["status"] = f"not measured: {_why(e)}"  # recorded, not fatal: measure ours alone
             measured, peer_pte = _runner_decode(ours, args.rounds), []

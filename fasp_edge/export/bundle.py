@@ -218,7 +218,7 @@ def quantizer_windows(loaded: LoadedModel, *, text: str | None = None, windows: 
                          "seed": CALIBRATION_SEED}
 
 
-def check_calibration_windows(windows, vocab_size: int, max_context: int, what: str = "calibration") -> torch.Tensor:
+def check_token_windows(windows, vocab_size: int, max_context: int, what: str = "calibration") -> torch.Tensor:
     """``windows`` as int64 ``[n, T]`` token ids, or a one-line error saying what is wrong with them."""
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.numel() == 0 \
             or windows.dtype.is_floating_point or windows.dtype == torch.bool:
@@ -362,8 +362,8 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     if quality_text is not None and quality_tokens is not None:
         raise InvalidArgument("give the quality text or quality token windows, not both")
     if quality_windows_count > 0 and quality_tokens is not None:
-        quality_set = check_calibration_windows(quality_tokens, model.config.vocab_size, max_context,
-                                                what="quality")[:quality_windows_count]
+        quality_set = check_token_windows(quality_tokens, model.config.vocab_size, max_context,
+                                          what="quality")[:quality_windows_count]
         quality_source = {"text": "given windows", "windows": quality_set.shape[0], "seqlen": quality_set.shape[1]}
         settings["quality"] = quality_source
     elif quality_windows_count > 0:
@@ -374,7 +374,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     if quant != "8da4w" or not recipe.calibrated:
         calibration = None
     elif calibration is not None:
-        calibration = check_calibration_windows(calibration, model.config.vocab_size, max_context)
+        calibration = check_token_windows(calibration, model.config.vocab_size, max_context)
         settings["calibration"] = {"text": "given windows", "windows": calibration.shape[0],
                                    "seqlen": calibration.shape[1]}
     else:

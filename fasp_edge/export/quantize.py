@@ -134,14 +134,15 @@ class DynamicQuantLinear(nn.Module):
         s, z = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
         x = qd.dequantize_per_token(qd.quantize_per_token(x, s, z, -128, 127, torch.int8), s, z, -128, 127,
                                     torch.int8, torch.float32)
-        w = None if torch.compiler.is_exporting() else self.__dict__.get("_eager_weight")
+        eager = not torch.compiler.is_exporting()
+        w = self.__dict__.get("_eager_weight") if eager else None
         if w is None:
             if self.bits == 4:
                 w = qd.dequantize_per_channel_group(self.weight_int, self.scales, self.zero_points, -8, 7, torch.int8,
                                                     self.group, torch.float32)
             else:
                 w = qd.dequantize_per_channel(self.weight_int, self.scales, self.zero_points, 0, -128, 127, torch.int8)
-            if not torch.compiler.is_exporting():
+            if eager:
                 self.__dict__["_eager_weight"] = w  # run eagerly again and again by calibration: dequantized once
         return F.linear(x, w, self.bias)
 
@@ -531,7 +532,7 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
         exponents.extend(smooth(list(smoothing), grams))
         quantize(named, grams)
 
-    in_blocks = {id(m) for b in decoder.blocks for m in b.modules()}
+    in_blocks = _block_module_ids(decoder)
     outside = {f: lin for f, lin in lins.items() if id(lin) not in in_blocks}
     decoder.reset_cache()
     try:
@@ -653,6 +654,11 @@ def _quantize_embedding(decoder: nn.Module, recipe: Recipe, emb: nn.Module | Non
     return "int8-per-row"
 
 
+def _block_module_ids(decoder: nn.Module) -> set[int]:
+    """``id`` of every module inside ``decoder``'s blocks (what block-by-block calibration quantizes in turn)."""
+    return {id(m) for b in decoder.blocks for m in b.modules()}
+
+
 def _replace(decoder: nn.Module, fqns: set[str], make) -> None:
     """Put ``make(module)`` in place of each submodule of ``decoder`` named in ``fqns``."""
     modules = dict(decoder.named_modules())
@@ -692,7 +698,7 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE, calibr
                                   "or let the export sample it from the model")
         # what the blocks will read is quantized first (the LM head, the embedding that may share its integers),
         # so that block after block the calibration sees the artifact's own inputs
-        in_blocks = {id(m) for b in decoder.blocks for m in b.modules()}
+        in_blocks = _block_module_ids(decoder)
         modules = dict(decoder.named_modules())
         _replace(decoder, {f for f in eight if id(modules[f]) not in in_blocks}, DynamicQuantLinear.int8_per_channel)
         embedding = _quantize_embedding(decoder, recipe, emb, tied_source)

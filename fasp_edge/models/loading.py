@@ -242,12 +242,12 @@ def load_model(source: str | os.PathLike | None = None, *, gguf_file: str | os.P
             if folder.suffix == ".gguf":
                 return load_gguf(folder)
             raise ModelLoadError(f"{folder} is a file; give a model folder, a hub id, or --gguf-file FILE")
+        folder = folder.resolve()  # a bundle records it as the PyTorch model it came from, read from any folder
         config = _read_config(folder)
         if "fasp" in config:
             from ..pipeline.checkpoint import load_pruned
 
-            # the absolute path: a bundle records it as the PyTorch model it came from, read from any folder
-            return LoadedModel(load_pruned(folder), load_tokenizer(str(folder)), str(folder.resolve()))
+            return LoadedModel(load_pruned(folder), load_tokenizer(str(folder)), str(folder))
         if config.get("auto_map") and not trust_remote_code:
             raise ModelLoadError(f"{folder} needs custom code (config.json has auto_map); fasp-edge does "
                                  "not run it unless you pass --trust-remote-code")

@@ -429,9 +429,10 @@ def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None
     # the dense model wrote (one text for every artifact, sampled once) where it is long enough, else on text
     # each model writes itself; a 4-bit export whose recipe calibrates (the CLI's default one) does so on the
     # run's calibration windows
+    ev = cfg["evaluate"]
     quality_tokens = None
-    if quality_file is None and heldout is not None and heldout_measures_quality(_windows(heldout).shape,
-                                                                                   x["max_context"]):
+    if quality_file is None and heldout is not None and heldout_measures_quality(
+            (ev["agreement_samples"], ev["agreement_seqlen"]), x["max_context"]):
         quality_tokens = heldout.folder / "windows.pt"
     quality = {"quality_text": quality_fp} if quality_tokens is None else {"quality_tokens": heldout.fingerprint}
     if not DEFAULT_RECIPE.calibrated:
