@@ -28,6 +28,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="compute device: cpu (default) or cuda")
 
 
+def _damp(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0 or 'auto', got {text!r}") from None
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -49,11 +58,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model with FASP (or a baseline) into a smaller dense checkpoint")
     _add_model_args(p)
-    p.add_argument("--sparsity", type=float, required=True, help="fraction of channels removed in every pair, [0, 1)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="fraction of channels removed in every pair, [0, 1) (or give --param-reduction)")
+    p.add_argument("--param-reduction", type=float, default=None,
+                   help="fraction of ALL parameters to remove (embeddings included), spread over layers and over "
+                   "MLP and attention by the calibration statistics (or give --sparsity)")
+    p.add_argument("--allocation", default="standardized", choices=("standardized", "energy"),
+                   help="how --param-reduction spreads the cut: standardized (FLAP-style scores, default) or "
+                   "energy (estimated output error per parameter)")
     p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp or magnitude")
     p.add_argument("--targets", default="mlp,attn", help="pairs to prune: mlp, attn or mlp,attn (default)")
     p.add_argument("--align", type=int, default=1, help="round kept widths to a multiple of N (power of two)")
-    p.add_argument("--damp", type=float, default=0.01, help="ridge damping λ of the restoration (default 0.01)")
+    p.add_argument("--damp", type=_damp, default=0.01,
+                   help="damping λ of the restoration, relative to the mean diagonal of the kept Gram block "
+                   "(default 0.01), or 'auto': chosen per pair on held-out calibration windows")
+    p.add_argument("--refit-prior", default="zero", choices=("zero", "original"),
+                   help="what the damping pulls the refit weights toward: zero (ridge, default) or the original "
+                   "kept weights (a large λ then gives wanda-sp)")
+    p.add_argument("--sequential-stats", action="store_true",
+                   help="prune each layer's attention first and gather its MLP's statistics through the pruned "
+                   "attention (one more pass over the calibration windows per layer)")
     p.add_argument("--calib-file", default=None, help="calibration text file (use validation text, e.g. WikiText-2 valid)")
     p.add_argument("--calib-dataset", default=None, help="wikitext2 or c4 through `datasets` (needs network or cache); "
                    "with neither this nor --calib-file, calibration text is sampled from the model itself")
@@ -355,7 +379,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from .pipeline.run import prune_checkpoint
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp)
+    check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp, args.refit_prior,
+                          args.param_reduction, args.allocation)
     if args.calib_file and args.calib_dataset:
         raise InvalidArgument("give either --calib-file or --calib-dataset, not both")
     if args.calib_temperature <= 0:
@@ -374,17 +399,21 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         calib = calibration_windows(tokenizer, file=args.calib_file, dataset=args.calib_dataset,
                                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         calib_desc = calib.description
-    elif args.method != "magnitude" and args.sparsity > 0:  # data-free: text sampled from the model itself
+    elif args.method != "magnitude" and (args.param_reduction or args.sparsity > 0):  # data-free: text sampled from the model itself
         log.info("no calibration text given: sampling %d x %d tokens from the model itself (temperature %.2g)",
                  args.nsamples, args.seqlen, args.calib_temperature)
         calib = self_generated_windows(model, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                                        temperature=args.calib_temperature, progress=not args.quiet)
         calib_desc = calib.description
-    report = prune_checkpoint(loaded, Path(args.output), sparsity=args.sparsity, method=args.method, targets=targets,
-                              align=args.align, damp=args.damp, device=args.device,
+    report = prune_checkpoint(loaded, Path(args.output), sparsity=args.sparsity, param_reduction=args.param_reduction,
+                              allocation=args.allocation, method=args.method, targets=targets,
+                              align=args.align, damp=args.damp, refit_prior=args.refit_prior,
+                              sequential=args.sequential_stats, device=args.device,
                               calibration=None if calib is None else calib.windows, calibration_description=calib_desc,
                               overwrite=args.overwrite, progress=not args.quiet, load_seconds=load_seconds)
-    print(f"pruned {loaded.source} with {args.method} at sparsity {args.sparsity}: "
+    how = f"sparsity {args.sparsity}" if args.param_reduction is None else \
+        f"a parameter reduction of {args.param_reduction} ({args.allocation} allocation)"
+    print(f"pruned {loaded.source} with {args.method} at {how}: "
           f"{report['params_before']:,} -> {report['params_after']:,} parameters "
           f"({100 * report['param_reduction']:.1f}% fewer; non-embedding "
           f"{100 * report['nonembedding_param_reduction']:.1f}% fewer) in {report['seconds']:.1f} s; "

@@ -69,6 +69,24 @@ def test_prune_then_eval(tmp_path, capsys):
 
 
 @needs_stories
+def test_prune_with_auto_damping_toward_the_original_weights(tmp_path, capsys):
+    out = tmp_path / "auto"
+    code, _, err = run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--damp", "auto", "--refit-prior", "original",
+                           "--sequential-stats", "-o", out)
+    assert code == 0, err
+    report = json.loads((out / "fasp_report.json").read_text())
+    assert report["damp"] == "auto" and report["refit_prior"] == "original"
+    assert len(report["damp_chosen"]["mlp"]) == 5 and all(d > 0 for d in report["damp_chosen"]["attn"])
+    fasp = json.loads((out / "config.json").read_text())["fasp"]
+    assert fasp["damp"] == "auto" and fasp["refit_prior"] == "original" and fasp["sequential_statistics"]
+    assert report["sequential_statistics"] is True
+    with pytest.raises(SystemExit):  # argparse: usage, then the one-line reason
+        run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--damp", "lots", "-o", tmp_path / "x")
+    assert "expected a number >= 0 or 'auto'" in capsys.readouterr().err
+    assert_nothing_written(tmp_path, "x")
+
+
+@needs_stories
 def test_prune_without_text_calibrates_on_self_generated_text(tmp_path, capsys):
     out = tmp_path / "self"
     code, stdout, err = run_cli(capsys, "prune", STORIES, "--nsamples", "8", "--seqlen", "64", "--seed", "5",

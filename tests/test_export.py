@@ -213,6 +213,18 @@ def test_onnx_export_of_pruned_opt_and_int8(tmp_path):
     assert q.manifest["parity"]["onnx"]["greedy_token_agreement"] > 0.5
 
 
+def test_uneven_widths_from_a_parameter_budget_export_with_parity(tmp_path):
+    model = MODEL_BUILDERS["llama-gqa"]()
+    r = prune(model, param_reduction=0.3, calibration=random_windows(), progress=False)
+    assert len(set(r.ffn_dims)) > 1 or len(set(r.v_head_dims)) > 1, (r.ffn_dims, r.v_head_dims)
+    assert max(r.v_head_dims) < 8  # pruned value heads: the padded custom-op attention
+    b = export_bundle(LoadedModel(model, _ByteTok(), "random-llama-budget"), tmp_path / "b", formats=["pte", "onnx"],
+                      max_context=100, progress=False)
+    for fmt in ("pte", "onnx"):
+        assert b.manifest["parity"][fmt]["max_abs_diff"] < 1e-4, (fmt, b.manifest["parity"][fmt])
+    assert [ly["ffn_dim"] for ly in b.manifest["model"]["layers"]] == r.ffn_dims
+
+
 def test_pte_8da4w_falls_back_to_8bit_where_groups_do_not_fit(tmp_path):
     model = MODEL_BUILDERS["llama-gqa"]()  # hidden 32 (fits groups of 32); FFN 48 does not
     loaded = LoadedModel(model, _ByteTok(), "random-llama")

@@ -8,8 +8,9 @@ import torch
 from fasp_edge import prune
 from fasp_edge.models import family_for
 from fasp_edge.models.base import AttentionLayout
-from fasp_edge.pipeline.fasp import (attention_columns, keep_count, restore_columns, score_channels, top_channels,
-                                     value_channel_scores)
+from fasp_edge.errors import InvalidArgument
+from fasp_edge.pipeline.fasp import (DAMP_GRID, attention_columns, choose_damp, keep_count, refit_error,
+                                     restore_columns, score_channels, top_channels, value_channel_scores)
 from fasp_edge.pipeline.stats import InputStatistics
 
 from .conftest import MODEL_BUILDERS, random_windows
@@ -139,6 +140,127 @@ def test_restoration_lowers_layer_output_error():
     err_plain = (plain - target).norm()
     err_restored = (restored - target).norm()
     assert err_restored < 0.8 * err_plain
+
+
+def test_refit_toward_original_equals_its_closed_form_and_tends_to_no_refit():
+    z, w2, keep = _layer_problem(seed=2)
+    gram = z.T @ z
+    target = z @ w2.T
+    damp = 0.3
+    lam = damp * torch.diagonal(gram[keep][:, keep]).mean()
+    # min ||Z W2ᵀ - Z_M Xᵀ||² + λ'||X - W2_M||²: lstsq on the system augmented with sqrt(λ')·(X - W2_M) = 0
+    aug_x = torch.cat([z[:, keep], lam.sqrt() * torch.eye(len(keep), dtype=z.dtype)])
+    aug_y = torch.cat([target, lam.sqrt() * w2[:, keep].T])
+    ref = torch.linalg.lstsq(aug_x, aug_y).solution.T
+    assert torch.allclose(restore_columns(w2, gram, keep, damp, prior="original"), ref, atol=1e-8, rtol=1e-8)
+    # λ -> 0: the plain least-squares refit; λ -> ∞: the kept columns untouched (wanda-sp)
+    assert torch.allclose(restore_columns(w2, gram, keep, 0.0, prior="original"),
+                          restore_columns(w2, gram, keep, 0.0), atol=1e-8)
+    far = restore_columns(w2, gram, keep, 1e9, prior="original")
+    assert torch.allclose(far, w2[:, keep], atol=1e-6)
+    gaps = [(restore_columns(w2, gram, keep, d, prior="original") - w2[:, keep]).norm() for d in (0.01, 0.1, 1, 10)]
+    assert gaps == sorted(gaps, reverse=True)
+
+
+def test_refit_error_is_the_output_error_and_auto_damp_picks_the_held_out_best():
+    z, w2, keep = _layer_problem(seed=3, tokens=600)
+    x = restore_columns(w2, z.T @ z, keep, 0.05)
+    direct = (z @ w2.T - z[:, keep] @ x.T).pow(2).sum().item()
+    assert refit_error(w2, z.T @ z, keep, x) == pytest.approx(direct, rel=1e-9)
+    fit, held = z[:450], z[450:]
+    for prior in ("zero", "original"):
+        chosen = choose_damp(w2, fit.T @ fit, held.T @ held, keep, prior)
+        errs = {d: refit_error(w2, held.T @ held, keep, restore_columns(w2, fit.T @ fit, keep, d, prior))
+                for d in DAMP_GRID}
+        assert chosen in DAMP_GRID and errs[chosen] == min(errs.values())
+
+
+@pytest.mark.parametrize("prior", ["zero", "original"])
+def test_auto_damp_prunes_and_records_each_pairs_choice(windows, prior):
+    model = MODEL_BUILDERS["llama-gqa"]()
+    r = prune(model, sparsity=0.5, calibration=windows, damp="auto", refit_prior=prior, progress=False)
+    report = r.report()
+    assert report["damp"] == "auto" and report["refit_prior"] == prior
+    assert all(d in DAMP_GRID for d in report["damp_chosen"]["mlp"] + report["damp_chosen"]["attn"])
+    assert len(report["damp_chosen"]["mlp"]) == 2 and r.ffn_dims == [24, 24]
+    with torch.no_grad():
+        assert torch.isfinite(model(windows, use_cache=False).logits).all()
+
+
+def test_auto_damp_needs_windows_to_hold_out_and_bad_priors_are_refused(windows):
+    with pytest.raises(InvalidArgument, match="--nsamples"):
+        prune(MODEL_BUILDERS["opt"](), sparsity=0.5, calibration=windows[:3], damp="auto", progress=False)
+    with pytest.raises(InvalidArgument, match="--refit-prior"):
+        prune(MODEL_BUILDERS["opt"](), sparsity=0.5, calibration=windows, refit_prior="mean", progress=False)
+    with pytest.raises(InvalidArgument, match="--damp"):
+        prune(MODEL_BUILDERS["opt"](), sparsity=0.5, calibration=windows, damp="often", progress=False)
+
+
+def test_sequential_statistics_see_the_pruned_attention(windows, monkeypatch):
+    import fasp_edge.pipeline.fasp as fasp_module
+
+    build = MODEL_BUILDERS["llama-gqa"]
+    grams = {}
+    real = fasp_module.prune_mlp
+
+    def recording(family, layer, keep_k, stats, refit):
+        grams.setdefault(id(layer), stats.gram.clone())
+        return real(family, layer, keep_k, stats, refit)
+
+    monkeypatch.setattr(fasp_module, "prune_mlp", recording)
+    seen = {}
+    for sequential in (False, True):
+        grams.clear()
+        model = build()
+        r = prune(model, sparsity=0.5, calibration=windows, sequential=sequential, progress=False)
+        assert r.report()["sequential_statistics"] is sequential
+        seen[sequential] = grams[id(family_for(model).layers(model)[0])]
+    # by hand: the same attention pruning alone, then the first MLP's inputs over the windows
+    hand = build()
+    prune(hand, sparsity=0.5, calibration=windows, targets=["attn"], progress=False)
+    stats = InputStatistics(48)
+    down = family_for(hand).mlp_out(family_for(hand).layers(hand)[0])
+    h = down.register_forward_pre_hook(lambda m, args: stats.update(args[0]))
+    with torch.no_grad():
+        hand(windows, use_cache=False)
+    h.remove()
+    assert torch.allclose(seen[True], stats.gram, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(seen[False], stats.gram, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", ["opt", "llama-gqa", "qwen2-bias"])
+@pytest.mark.parametrize("rule", ["standardized", "energy"])
+def test_param_reduction_meets_its_budget(windows, name, rule):
+    for reduction, align in ((0.1, 1), (0.25, 1), (0.25, 8)):
+        model = MODEL_BUILDERS[name]()
+        r = prune(model, param_reduction=reduction, allocation=rule, calibration=windows, align=align,
+                  progress=False)
+        achieved = 1 - r.params_after / r.params_before
+        assert abs(achieved - reduction) < 0.01, (reduction, align, achieved)  # tiny models: coarse units
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
+        if align > 1:
+            assert all(d % align == 0 for d in r.ffn_dims)
+        report = r.report()
+        assert report["param_reduction_target"] == reduction and report["allocation"] == rule
+        assert report["sparsity"] is None
+        with torch.no_grad():
+            assert torch.isfinite(model(windows, use_cache=False).logits).all()
+
+
+def test_param_reduction_spreads_the_cut_by_the_statistics(windows):
+    from fasp_edge.pipeline.allocation import PairUnits, allocate
+
+    # two pairs of equal cost: the one whose units are worth less loses more of them
+    cheap = PairUnits(0, "mlp", torch.linspace(-2, 0, 10, dtype=torch.float64), 5, 1, 1)
+    dear = PairUnits(1, "mlp", torch.linspace(0.5, 2, 10, dtype=torch.float64), 5, 1, 1)
+    keep, removed = allocate([cheap, dear], 60)
+    assert keep == {(0, "mlp"): 1, (1, "mlp"): 7} and removed == 60
+    with pytest.raises(InvalidArgument, match="removable"):
+        allocate([cheap, dear], 200)
+    with pytest.raises(InvalidArgument, match="not both"):
+        prune(MODEL_BUILDERS["opt"](), sparsity=0.2, param_reduction=0.2, calibration=windows, progress=False)
+    with pytest.raises(InvalidArgument, match="--allocation"):
+        prune(MODEL_BUILDERS["opt"](), param_reduction=0.2, allocation="flat", calibration=windows, progress=False)
 
 
 def test_streaming_statistics_equal_all_at_once():

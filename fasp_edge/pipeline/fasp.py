@@ -8,12 +8,18 @@ layers before it:
 2. channels are scored with ``score_j = ||Z_j||₂ · Σ_i |W2[i, j]|`` (summed over the query heads that
    share a value channel under GQA) and the top ``k`` are kept (the same ``k`` in every KV head);
 3. the kept columns of ``W2`` are refit by damped least squares,
-   ``W2'[:, M] = W2 · G[:, M] · (G[M, M] + λ·mean(diag G[M, M])·I)⁻¹``;
+   ``W2'[:, M] = W2 · G[:, M] · (G[M, M] + λ·mean(diag G[M, M])·I)⁻¹`` (``refit_prior="zero"``), or, damped
+   toward the kept columns as they were (``refit_prior="original"``: ``min ||W2 Z − X Z_M||² + λ'||X − W2_M||²``),
+   ``W2'[:, M] = (W2 · G[:, M] + λ'·W2[:, M]) · (G[M, M] + λ'·I)⁻¹``, which tends to ``wanda-sp`` (no refit) as λ
+   grows; ``damp="auto"`` picks λ for each pair from :data:`DAMP_GRID` by the reconstruction error on every
+   ``HOLDOUT_EVERY``-th calibration window, held out of the fit (the chosen λ is then refit on all windows);
 4. ``W1``'s dead rows (and bias entries) and ``W2``'s dropped columns are physically removed;
 5. a second pass runs the pruned layer to produce the next layer's inputs.
 
 ``magnitude`` scores by ``Σ_i |W2[i, j]|`` alone and needs no data; ``wanda-sp`` uses the FASP score
-without step 3.
+without step 3. ``--sparsity`` keeps the same fraction of every pair; ``--param-reduction`` sets each pair's kept
+width from a global budget first (:mod:`.allocation`). ``sequential`` statistics prune a layer's attention before
+gathering its MLP's statistics.
 """
 
 from __future__ import annotations
@@ -37,14 +43,31 @@ log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda-sp", "fasp")
 TARGETS = ("mlp", "attn")
+REFIT_PRIORS = ("zero", "original")
+DAMP_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
+HOLDOUT_EVERY = 4  # damp="auto": windows 3, 7, 11, ... measure each candidate λ, the others fit it
 
 
 # --------------------------------------------------------------------------------------------------
 # validation
 # --------------------------------------------------------------------------------------------------
-def check_prune_arguments(sparsity: float, method: str, align: int, targets: Iterable[str], damp: float) -> None:
+def check_prune_arguments(sparsity: float | None, method: str, align: int, targets: Iterable[str],
+                          damp: float | str, refit_prior: str = "zero", param_reduction: float | None = None,
+                          allocation: str = "standardized") -> None:
     """Raise :class:`InvalidArgument` for any setting outside its range (before any work starts)."""
-    if not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0 <= sparsity < 1):
+    from .allocation import RULES
+
+    if (sparsity is None) == (param_reduction is None):
+        raise InvalidArgument("give either --sparsity (the same fraction of channels in every pair) or "
+                              "--param-reduction (a fraction of all parameters, spread over the layers), not both")
+    if param_reduction is not None:
+        if not (isinstance(param_reduction, (int, float)) and math.isfinite(param_reduction)
+                and 0 < param_reduction < 1):
+            raise InvalidArgument(f"--param-reduction must be in (0, 1), got {param_reduction}; e.g. 0.2 removes "
+                                  "20% of all parameters")
+        if allocation not in RULES:
+            raise InvalidArgument(f"unknown --allocation {allocation!r}; choose one of {', '.join(RULES)}")
+    elif not (isinstance(sparsity, (int, float)) and math.isfinite(sparsity) and 0 <= sparsity < 1):
         raise InvalidArgument(f"--sparsity must be in [0, 1), got {sparsity}; e.g. --sparsity 0.2 removes 20% "
                               "of the channels of every pruned pair")
     if method not in METHODS:
@@ -55,8 +78,10 @@ def check_prune_arguments(sparsity: float, method: str, align: int, targets: Ite
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise InvalidArgument(f"--targets must name some of {', '.join(TARGETS)}, got {','.join(targets) or 'nothing'}")
-    if not (math.isfinite(damp) and damp >= 0):
-        raise InvalidArgument(f"--damp must be a finite number >= 0, got {damp}")
+    if damp != "auto" and not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        raise InvalidArgument(f"--damp must be a finite number >= 0 or 'auto', got {damp}")
+    if refit_prior not in REFIT_PRIORS:
+        raise InvalidArgument(f"unknown --refit-prior {refit_prior!r}; choose one of {', '.join(REFIT_PRIORS)}")
 
 
 def keep_count(width: int, sparsity: float, align: int = 1) -> int:
@@ -105,23 +130,43 @@ def attention_columns(kept: torch.Tensor, layout: AttentionLayout) -> tuple[torc
     return v_rows, o_cols
 
 
-def restore_columns(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float) -> torch.Tensor:
+def restore_columns(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float,
+                    prior: str = "zero") -> torch.Tensor:
     """Least-squares refit of the kept columns of ``W2`` (returned as ``[out, len(keep)]`` in float64).
 
-    Solves ``min_X ||W2 Z − X Z_M||² + λ·mean(diag G_MM)·||X||²`` in closed form,
-    ``X = W2 G[:, M] (G[M, M] + λ·mean(diag G[M, M]) I)⁻¹``.
+    With ``λ' = λ·mean(diag G_MM)``, solves ``min_X ||W2 Z − X Z_M||² + λ'·||X − P||²`` in closed form,
+    ``X = (W2 G[:, M] + λ' P) (G[M, M] + λ' I)⁻¹``, where the prior ``P`` is 0 (``"zero"``: ridge) or the kept
+    columns themselves, ``W2[:, M]`` (``"original"``: the refit leans toward no refit at all).
     """
     g = gram.to(torch.float64)
     g_mm = g[keep][:, keep]
     reg = damp * torch.diagonal(g_mm).mean()
     a = g_mm + reg * torch.eye(len(keep), dtype=g.dtype, device=g.device)
-    rhs = (w2.detach().to(g) @ g[:, keep]).T  # [k, out]
+    w = w2.detach().to(g)
+    rhs = w @ g[:, keep]
+    if prior == "original":
+        rhs = rhs + reg * w[:, keep]
+    rhs = rhs.T  # [k, out]
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
         x = torch.cholesky_solve(rhs, chol)
     else:  # singular even after damping (e.g. dead channels with damp=0): minimum-norm solution
         x = torch.linalg.lstsq(a, rhs, driver="gelsd" if a.device.type == "cpu" else None).solution
     return x.T
+
+
+def refit_error(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> float:
+    """``||W2 Z − X Z_M||²`` over the tokens behind ``gram``, from the Gram matrix alone."""
+    g = gram.to(torch.float64)
+    w, x = w2.detach().to(g), x.to(g)
+    return float((w @ g * w).sum() - 2 * (x @ g[keep] * w).sum() + (x @ g[keep][:, keep] * x).sum())
+
+
+def choose_damp(w2: torch.Tensor, fit_gram: torch.Tensor, held_gram: torch.Tensor, keep: torch.Tensor,
+                prior: str) -> float:
+    """The λ of :data:`DAMP_GRID` whose refit on ``fit_gram`` best reconstructs the held-out tokens' output."""
+    errors = {d: refit_error(w2, held_gram, keep, restore_columns(w2, fit_gram, keep, d, prior)) for d in DAMP_GRID}
+    return min(errors, key=errors.get)
 
 
 def _take_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
@@ -151,36 +196,53 @@ class LayerDecision:
 
     mlp_keep: torch.Tensor | None = None  # [k] FFN channels
     attn_keep: torch.Tensor | None = None  # [kv_heads, k] value channels per KV head
+    mlp_damp: float | None = None  # the λ each refit was solved with (None: not refit)
+    attn_damp: float | None = None
+
+
+@dataclass
+class Refit:
+    """How a pair's kept columns are refit: ``damp`` a number or ``"auto"`` (then ``held`` holds the held-out
+    windows' statistics, which the pair's full statistics include)."""
+
+    damp: float | str = 0.01
+    prior: str = "zero"
+    held: InputStatistics | None = None
+
+    def weights(self, w2: torch.Tensor, stats: InputStatistics, keep: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The refit kept columns (in ``w2``'s dtype) and the λ they were solved with."""
+        damp = self.damp
+        if damp == "auto":
+            damp = choose_damp(w2, stats.gram - self.held.gram, self.held.gram, keep, self.prior)
+        return restore_columns(w2, stats.gram, keep, damp, self.prior).to(w2.dtype), damp
 
 
 def prune_mlp(family: ModelFamily, layer: nn.Module, keep_k: int, stats: InputStatistics | None,
-              restore: bool, damp: float) -> torch.Tensor:
+              refit: Refit | None) -> tuple[torch.Tensor, float | None]:
+    """Prune the MLP pair to ``keep_k`` channels (refit when ``refit`` is given); the kept channels and the λ."""
     w2 = family.mlp_out(layer)
     scores = score_channels(w2.weight, stats.norms if stats is not None else None)
     keep = top_channels(scores, keep_k).to(w2.weight.device)
     if keep_k == w2.in_features:
-        return keep
-    new_w = None
-    if restore:
-        new_w = restore_columns(w2.weight, stats.gram, keep, damp).to(w2.weight.dtype)
+        return keep, None
+    new_w, damp = refit.weights(w2.weight, stats, keep) if refit else (None, None)
     family.set_mlp(layer, [_take_rows(m, keep) for m in family.mlp_in(layer)], _take_columns(w2, keep, new_w))
-    return keep
+    return keep, damp
 
 
 def prune_attention(family: ModelFamily, layer: nn.Module, keep_k: int, stats: InputStatistics | None,
-                    restore: bool, damp: float) -> torch.Tensor:
+                    refit: Refit | None) -> tuple[torch.Tensor, float | None]:
+    """Prune the value/output pair to ``keep_k`` channels per KV head; the kept channels and the λ."""
     layout = family.attention_layout(layer)
     o = family.attn_out(layer)
     scores = score_channels(o.weight, stats.norms if stats is not None else None)
     kept = top_channels(value_channel_scores(scores, layout), keep_k)
     if keep_k == layout.v_head_dim:
-        return kept
+        return kept, None
     v_rows, o_cols = (t.to(o.weight.device) for t in attention_columns(kept, layout))
-    new_w = None
-    if restore:
-        new_w = restore_columns(o.weight, stats.gram, o_cols, damp).to(o.weight.dtype)
+    new_w, damp = refit.weights(o.weight, stats, o_cols) if refit else (None, None)
     family.set_attn(layer, _take_rows(family.attn_in(layer), v_rows), _take_columns(o, o_cols, new_w), keep_k)
-    return kept
+    return kept, damp
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,10 +254,10 @@ class PruneResult:
 
     model: nn.Module
     method: str
-    sparsity: float
+    sparsity: float | None
     targets: tuple[str, ...]
     align: int
-    damp: float
+    damp: float | str
     ffn_dims: list[int]
     v_head_dims: list[int]
     decisions: list[LayerDecision]
@@ -205,6 +267,10 @@ class PruneResult:
     nonembedding_params_after: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    refit_prior: str = "zero"
+    sequential: bool = False
+    param_reduction: float | None = None  # the target of --param-reduction (None: --sparsity)
+    allocation: str | None = None
 
     def report(self) -> dict[str, Any]:
         """JSON-ready summary (``fasp_report.json``)."""
@@ -214,6 +280,12 @@ class PruneResult:
             "targets": list(self.targets),
             "align": self.align,
             "damp": self.damp,
+            "refit_prior": self.refit_prior,
+            "sequential_statistics": self.sequential,
+            **({"param_reduction_target": self.param_reduction, "allocation": self.allocation}
+               if self.param_reduction is not None else {}),
+            **({"damp_chosen": {"mlp": [d.mlp_damp for d in self.decisions],
+                                "attn": [d.attn_damp for d in self.decisions]}} if self.damp == "auto" else {}),
             "params_before": self.params_before,
             "params_after": self.params_after,
             "param_reduction": 1 - self.params_after / self.params_before,
@@ -273,6 +345,75 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torc
     return torch.cat(inputs, 0), kwargs
 
 
+def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], hidden: torch.Tensor, kwargs: dict,
+                       device: torch.device, full_gram: bool, holdout: bool, stats: dict, held: dict) -> float:
+    """Run ``layer`` over every calibration window, folding the inputs of the second Linear of each of ``pairs``
+    into ``stats`` (and every ``HOLDOUT_EVERY``-th window's also into ``held``); returns the seconds spent folding."""
+    window, spent, hooks = [0], [0.0], []
+
+    def make_hook(name: str, dim: int):
+        stats[name] = InputStatistics(dim, gram=full_gram, device=device)
+        if holdout:
+            held[name] = InputStatistics(dim, gram=True, device=device)
+
+        def hook(module, args):
+            t = time.perf_counter()
+            stats[name].update(args[0])
+            if holdout and window[0] % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
+                held[name].update(args[0])
+            spent[0] += time.perf_counter() - t
+
+        return hook
+
+    for name in pairs:
+        lin = family.attn_out(layer) if name == "attn" else family.mlp_out(layer)
+        hooks.append(lin.register_forward_pre_hook(make_hook(name, lin.in_features)))
+    try:
+        for i in range(hidden.shape[0]):
+            window[0] = i
+            layer(hidden[i : i + 1].to(device), **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return spent[0]
+
+
+def _allocate(family: ModelFamily, layers: nn.ModuleList, targets: tuple[str, ...], hidden: torch.Tensor | None,
+              kwargs: dict | None, device: torch.device, reduction: float, params_before: int, rule: str,
+              align: int, progress: bool) -> dict[tuple[int, str], int]:
+    """Kept counts per ``(layer, pair)`` for ``reduction`` of all parameters (:mod:`.allocation`), from one pass
+    of the calibration windows through the unpruned layers (no data: the weights alone)."""
+    from .allocation import allocate, pair_units
+
+    x = None if hidden is None else hidden.clone()
+    pairs = []
+    for idx in tqdm(range(len(layers)), desc="allocation pass", disable=not progress):
+        layer = layers[idx]
+        home = next(layer.parameters()).device
+        layer.to(device)
+        norms: dict[str, InputStatistics] = {}
+        if x is not None:
+            hooks = []
+            for name in targets:
+                lin = family.attn_out(layer) if name == "attn" else family.mlp_out(layer)
+                norms[name] = InputStatistics(lin.in_features, gram=False, device=device)
+                hooks.append(lin.register_forward_pre_hook(lambda m, args, st=norms[name]: st.update(args[0])))
+            try:
+                for i in range(x.shape[0]):
+                    x[i : i + 1] = _layer_output(layer(x[i : i + 1].to(device), **kwargs)).to("cpu")
+            finally:
+                for h in hooks:
+                    h.remove()
+        for name in targets:
+            pairs.append(pair_units(family, layer, idx, name, norms[name].norms if name in norms else None, rule,
+                                    align))
+        layer.to(home)
+    keep, removed = allocate(pairs, round(reduction * params_before))
+    log.info("allocation (%s): %d of %d parameters removed (%.2f%%, asked %.2f%%)", rule, removed, params_before,
+             100 * removed / params_before, 100 * reduction)
+    return keep
+
+
 def _layer_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -282,12 +423,16 @@ def prune(
     model: nn.Module,
     tokenizer: Any = None,
     *,
-    sparsity: float,
+    sparsity: float | None = None,
+    param_reduction: float | None = None,
+    allocation: str = "standardized",
     method: str = "fasp",
     calibration: torch.Tensor | None = None,
     targets: Iterable[str] = TARGETS,
     align: int = 1,
-    damp: float = 0.01,
+    damp: float | str = 0.01,
+    refit_prior: str = "zero",
+    sequential: bool = False,
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> PruneResult:
@@ -295,17 +440,20 @@ def prune(
 
     ``calibration`` is a LongTensor ``[nsamples, seqlen]`` of token ids (see
     :func:`fasp_edge.pipeline.calibration.calibration_windows`); ``magnitude`` needs none.
-    ``tokenizer`` is accepted for symmetry with the other entry points and is not used here.
+    ``tokenizer`` is accepted for symmetry with the other entry points and is not used here. ``damp`` and
+    ``refit_prior`` shape FASP's refit (module docstring, step 3). ``sequential`` prunes each layer's attention
+    first and gathers its MLP's statistics in a second pass through the pruned attention (one more forward pass
+    over the calibration windows per layer), instead of both from one pass through the unpruned layer.
     Only the layer being pruned sits on ``device``; the rest of the model stays where it is (the CPU).
     """
     del tokenizer
     targets = tuple(t for t in TARGETS if t in set(targets))
-    check_prune_arguments(sparsity, method, align, targets, damp)
+    check_prune_arguments(sparsity, method, align, targets, damp, refit_prior, param_reduction, allocation)
     family = family_for(model)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgument("--device cuda was given but no CUDA device is available; use --device cpu")
-    needs_data = method != "magnitude" and sparsity > 0
+    needs_data = method != "magnitude" and (param_reduction is not None or sparsity > 0)
     if needs_data and calibration is None:
         raise InvalidArgument(f"method {method} needs calibration data (e.g. --calib-file); magnitude needs none")
 
@@ -316,6 +464,10 @@ def prune(
     layers = family.layers(model)
     restore = method == "fasp"
     full_gram = restore
+    holdout = restore and damp == "auto"
+    if holdout and needs_data and calibration.shape[0] < HOLDOUT_EVERY:
+        raise InvalidArgument(f"--damp auto holds every {HOLDOUT_EVERY}th calibration window out to choose λ: give at "
+                              f"least {HOLDOUT_EVERY} windows (--nsamples), or a number for --damp")
 
     hidden = kwargs = None
     if needs_data:
@@ -323,54 +475,46 @@ def prune(
         hidden, kwargs = _capture_layer_inputs(model, layers, calibration.to(torch.long), progress)
         kwargs = _to(kwargs, device)
         timings["capture"] = time.perf_counter() - t0
+    keep_counts = None
+    if param_reduction is not None:
+        t0 = time.perf_counter()
+        keep_counts = _allocate(family, layers, targets, hidden, kwargs, device, param_reduction, params_before,
+                                allocation, align, progress)
+        timings["allocation"] = time.perf_counter() - t0
 
     decisions: list[LayerDecision] = []
     for idx in tqdm(range(len(layers)), desc=f"{method} layers", disable=not progress):
         layer = layers[idx]
         home = next(layer.parameters()).device
         layer.to(device)
-        stats: dict[str, InputStatistics] = {}
-        hooks = []
-        if needs_data:
-            stat_time = [0.0]
-
-            def make_hook(name: str, dim: int):
-                stats[name] = InputStatistics(dim, gram=full_gram, device=device)
-
-                def hook(module, args):
-                    t = time.perf_counter()
-                    stats[name].update(args[0])
-                    stat_time[0] += time.perf_counter() - t
-
-                return hook
-
-            if "attn" in targets:
-                o = family.attn_out(layer)
-                hooks.append(o.register_forward_pre_hook(make_hook("attn", o.in_features)))
-            if "mlp" in targets:
-                w2 = family.mlp_out(layer)
-                hooks.append(w2.register_forward_pre_hook(make_hook("mlp", w2.in_features)))
-            t0 = time.perf_counter()
-            try:
-                for i in range(hidden.shape[0]):
-                    layer(hidden[i : i + 1].to(device), **kwargs)
-            finally:
-                for h in hooks:
-                    h.remove()
-            timings["forward"] += time.perf_counter() - t0 - stat_time[0]
-            timings["statistics"] += stat_time[0]
-
-        t0 = time.perf_counter()
         decision = LayerDecision()
-        if "attn" in targets:
-            k = keep_count(family.attention_layout(layer).v_head_dim, sparsity, align)
-            decision.attn_keep = prune_attention(family, layer, k, stats.get("attn"), restore, damp).cpu()
-        if "mlp" in targets:
-            k = keep_count(family.ffn_dim(layer), sparsity, align)
-            decision.mlp_keep = prune_mlp(family, layer, k, stats.get("mlp"), restore, damp).cpu()
-        timings["solve"] += time.perf_counter() - t0
+        # one statistics pass for both pairs, or (sequential) attention first, then the MLP's statistics from
+        # the layer with its attention already pruned
+        groups = [[t] for t in ("attn", "mlp") if t in targets] if sequential else [list(targets)]
+        for group in groups:
+            stats: dict[str, InputStatistics] = {}
+            held: dict[str, InputStatistics] = {}  # damp="auto": the held-out windows' share of stats
+            if needs_data:
+                t0 = time.perf_counter()
+                stat_s = _gather_statistics(family, layer, group, hidden, kwargs, device, full_gram, holdout,
+                                            stats, held)
+                timings["forward"] += time.perf_counter() - t0 - stat_s
+                timings["statistics"] += stat_s
+            t0 = time.perf_counter()
+            if "attn" in group:
+                k = keep_counts[(idx, "attn")] if keep_counts else \
+                    keep_count(family.attention_layout(layer).v_head_dim, sparsity, align)
+                refit = Refit(damp, refit_prior, held.get("attn")) if restore else None
+                kept, decision.attn_damp = prune_attention(family, layer, k, stats.get("attn"), refit)
+                decision.attn_keep = kept.cpu()
+            if "mlp" in group:
+                k = keep_counts[(idx, "mlp")] if keep_counts else keep_count(family.ffn_dim(layer), sparsity, align)
+                refit = Refit(damp, refit_prior, held.get("mlp")) if restore else None
+                kept, decision.mlp_damp = prune_mlp(family, layer, k, stats.get("mlp"), refit)
+                decision.mlp_keep = kept.cpu()
+            timings["solve"] += time.perf_counter() - t0
+            del stats, held
         decisions.append(decision)
-        del stats
 
         if needs_data and idx + 1 < len(layers):
             t0 = time.perf_counter()
@@ -386,10 +530,14 @@ def prune(
     return PruneResult(
         model=model,
         method=method,
-        sparsity=float(sparsity),
+        sparsity=None if sparsity is None else float(sparsity),
+        param_reduction=param_reduction,
+        allocation=allocation if param_reduction is not None else None,
         targets=targets,
         align=align,
-        damp=float(damp),
+        damp=damp if damp == "auto" else float(damp),
+        refit_prior=refit_prior,
+        sequential=sequential,
         ffn_dims=family.ffn_dims(model),
         v_head_dims=family.v_head_dims(model),
         decisions=decisions,

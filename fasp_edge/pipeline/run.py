@@ -298,9 +298,11 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
     return out
 
 
-def prune_checkpoint(loaded, out: Path, *, sparsity: float, method: str, targets: list[str], align: int,
-                     damp: float, device: str, calibration: torch.Tensor | None, calibration_description: dict | None,
-                     overwrite: bool = True, progress: bool = True, load_seconds: float | None = None) -> dict:
+def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, targets: list[str], align: int,
+                     damp: float | str, device: str, calibration: torch.Tensor | None,
+                     calibration_description: dict | None, overwrite: bool = True, progress: bool = True,
+                     load_seconds: float | None = None, refit_prior: str = "zero", sequential: bool = False,
+                     param_reduction: float | None = None, allocation: str = "standardized") -> dict:
     """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``."""
     from ..models.loading import sentencepiece_file
     from .checkpoint import fasp_section, save_pruned
@@ -308,12 +310,18 @@ def prune_checkpoint(loaded, out: Path, *, sparsity: float, method: str, targets
 
     source_hash = state_dict_sha256(loaded.model)
     calib_desc = calibration_description or {"none": "magnitude needs no data"}
-    result = prune(loaded.model, loaded.tokenizer, sparsity=sparsity, method=method, calibration=calibration,
-                   targets=targets, align=align, damp=damp, device=device, progress=progress)
+    result = prune(loaded.model, loaded.tokenizer, sparsity=sparsity, param_reduction=param_reduction,
+                   allocation=allocation, method=method, calibration=calibration,
+                   targets=targets, align=align, damp=damp, refit_prior=refit_prior, sequential=sequential,
+                   device=device, progress=progress)
     report = {"source_model": loaded.source, "source_sha256": source_hash, "calibration": calib_desc,
               **({"load_seconds": round(load_seconds, 3)} if load_seconds is not None else {}), **result.report()}
     section = fasp_section(loaded.model, method=method, sparsity=sparsity, extra={
-        "targets": list(result.targets), "align": align, "damp": damp, "calibration": calib_desc,
+        "targets": list(result.targets), "align": align, "damp": damp,
+        **({"refit_prior": refit_prior} if refit_prior != "zero" else {}),
+        **({"sequential_statistics": True} if sequential else {}),
+        **({"param_reduction": param_reduction, "allocation": allocation} if param_reduction is not None else {}),
+        "calibration": calib_desc,
         "source_model": {"name": loaded.source, "sha256": source_hash},
     })
     spm = sentencepiece_file(loaded)

@@ -62,7 +62,9 @@ class Target:
         fasp = m["model"].get("fasp") or None
         summary = describe_bundle(self.bundle)  # path, formats, quantization, max_context, bytes
         return {"label": self.label, "external": self.external, **summary, "files_bytes": summary.pop("bytes"),
-                "pruning": ({"method": fasp.get("method"), "sparsity": fasp.get("sparsity")} if fasp else None),
+                "pruning": ({"method": fasp.get("method"), "sparsity": fasp.get("sparsity"),
+                             **({"param_reduction": fasp["param_reduction"]} if fasp.get("param_reduction") else {})}
+                            if fasp else None),
                 "precision": m.get("precision", "float32"), "parameters": m["model"].get("parameters"),
                 "source": m["model"].get("source")}
 

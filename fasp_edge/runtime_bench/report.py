@@ -106,7 +106,9 @@ def markdown(doc: dict) -> str:
     lines += ["", "## Bundles", "", "| bundle | pruning | quantization | parameters | files MB |", "|---|---|---|---|---|"]
     for b in doc["bundles"]:
         pr = b["pruning"]
-        pruning = f"{pr['method']} {pr['sparsity']}" if pr else ("dense, " + b["external"] if b["external"] else "dense")
+        pruning = ((f"{pr['method']} {pr['sparsity']}" if pr.get("param_reduction") is None else
+                    f"{pr['method']}, {100 * pr['param_reduction']:g}% of parameters") if pr else
+                   ("dense, " + b["external"] if b["external"] else "dense"))
         lines.append(f"| {b['label']} | {pruning} | {b['quantization']} | {b['parameters'] or '–'} | "
                      f"{b['files_bytes'] / 1e6:.1f} |")
     lines += ["", "## Host", "", f"- CPU: {host['cpu_model']}, {host['logical_cpus']} logical CPUs, "
