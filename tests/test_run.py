@@ -202,3 +202,36 @@ def test_ctrl_c_mid_export_stops_cleanly(tmp_path):
     assert not _temporaries(folder)
     bundles = folder / "bundles"
     assert not (bundles.exists() and [p for p in bundles.iterdir() if not p.name.startswith(".")])
+
+
+@requires_shared(STORIES)
+def test_a_run_prunes_to_a_parameter_budget(tmp_path):
+    cfg = tmp_path / "budget.toml"
+    cfg.write_text(f"""name = "budget"
+output_dir = "{tmp_path / 'runs'}"
+[model]
+source = "{STORIES}"
+[prune]
+sparsities = []
+param_reductions = [0.2]
+align = 1
+[calibration]
+nsamples = 8
+seqlen = 64
+[evaluate]
+agreement_samples = 0
+[export]
+artifacts = []
+dense_artifacts = []
+""")
+    proc = subprocess.run([sys.executable, "-m", "fasp_edge.cli", "-q", "run", str(cfg)], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tmp_path / "runs" / "budget"
+    models = {m["label"]: m for m in json.loads((run / "run.json").read_text())["models"]}
+    pruned = models["fasp-p0.2"]
+    assert pruned["param_reduction"] == 0.2 and pruned["sparsity"] is None
+    assert abs(1 - pruned["parameters"] / models["dense"]["parameters"] - 0.2) < 0.005
+    fasp = json.loads((run / "pruned" / "fasp-p0.2" / "config.json").read_text())["fasp"]
+    assert fasp["param_reduction"] == 0.2 and fasp["allocation"] == "standardized"
+    assert "20% of params" in (run / "report.md").read_text()

@@ -62,14 +62,12 @@ def _name(v):
         "must be a non-empty word of letters, digits, '.', '_' or '-'"
 
 
-def _sparsities(v):
-    if not v:
-        return "must name at least one sparsity"
-    if any(not 0 < s < 1 for s in v):
-        return "must hold fractions strictly between 0 and 1"
-    if len(set(v)) != len(v):
-        return "names a sparsity twice"
-    return None
+def _fractions(what: str):
+    def check(v):
+        if any(not 0 < s < 1 for s in v):
+            return "must hold fractions strictly between 0 and 1"
+        return f"names a {what} twice" if len(set(v)) != len(v) else None
+    return check
 
 
 def _power_of_two(v):
@@ -83,7 +81,10 @@ def _non_empty(v):
 SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "": {"name": ("str", _name), "output_dir": ("str", _non_empty)},
     "model": {"source": ("str", None), "gguf_file": ("str", None), "trust_remote_code": ("bool", None)},
-    "prune": {"method": ("str", _choice(("fasp", "wanda-sp", "magnitude"))), "sparsities": ("list[number]", _sparsities),
+    "prune": {"method": ("str", _choice(("fasp", "wanda-sp", "magnitude"))),
+              "sparsities": ("list[number]", _fractions("sparsity")),
+              "param_reductions": ("list[number]", _fractions("parameter reduction")),
+              "allocation": ("str", _choice(("standardized", "energy"))),
               "targets": ("list[str]", lambda v: _non_empty(v) or _list_of(("mlp", "attn"))(v)),
               "align": ("int", _power_of_two), "damp": ("number", _at_least(0)),
               "device": ("str", _choice(("cpu", "cuda")))},
@@ -270,9 +271,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return RunConfig(copy.deepcopy(data), source, base)
 
 
-def model_label(method: str, sparsity: float) -> str:
-    """The name of a pruned model in a run (its folders, its bundles' names)."""
-    return f"{method}-{sparsity:g}"
+def model_label(method: str, sparsity: float | None, param_reduction: float | None = None) -> str:
+    """The name of a pruned model in a run (its folders, its bundles' names): ``fasp-0.2`` for a sparsity,
+    ``fasp-p0.16`` for a fraction of all parameters."""
+    return f"{method}-{sparsity:g}" if param_reduction is None else f"{method}-p{param_reduction:g}"
 
 
 def _check(data: dict, origin) -> None:
@@ -283,10 +285,15 @@ def _check(data: dict, origin) -> None:
         raise ConfigError(f"{origin('evaluate.agreement_seed', 'calibration.seed')}: evaluate.agreement_seed equals "
                           f"calibration.seed ({cal['seed']}); the agreement text must be held out from the "
                           "self-generated calibration text: change one of them")
+    if not pr["sparsities"] and not pr["param_reductions"]:
+        raise ConfigError(f"{origin('prune.sparsities', 'prune.param_reductions')}: name at least one model to prune: "
+                          "a value in prune.sparsities or in prune.param_reductions")
     labels = [model_label(pr["method"], s) for s in pr["sparsities"]]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"{origin('prune.sparsities')}: prune.sparsities {pr['sparsities']} give two models the same "
-                          f"name ({', '.join(labels)}); use values that differ in their first 6 digits")
+    budgets = [model_label(pr["method"], None, r) for r in pr["param_reductions"]]
+    for key, names in (("sparsities", labels), ("param_reductions", budgets)):
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{origin('prune.' + key)}: prune.{key} {pr[key]} give two models the same "
+                              f"name ({', '.join(names)}); use values that differ in their first 6 digits")
     for section in ("calibration", "evaluate"):
         f = data[section]["text_file"]
         if f and not Path(f).is_file():

@@ -55,6 +55,7 @@ class ModelEntry:
     fingerprint: str
     path: Path | None = None  # checkpoint folder (None: the dense source)
     sparsity: float | None = None
+    param_reduction: float | None = None  # a model pruned to a parameter budget (sparsity then None)
 
 
 @dataclass
@@ -154,7 +155,7 @@ class _Children:
 # ==================================================================================================
 def plan_total(cfg: RunConfig) -> int:
     """How many stage steps the run announces (for the [i/n] progress lines)."""
-    n_pruned = len(cfg["prune"]["sparsities"])
+    n_pruned = len(cfg["prune"]["sparsities"]) + len(cfg["prune"]["param_reductions"])
     needs_calib = cfg["prune"]["method"] != "magnitude"
     evaluate = (1 if cfg["evaluate"]["agreement_samples"] else 0) + 1 + n_pruned
     n_export = len(cfg["export"]["dense_artifacts"]) + n_pruned * len(cfg["export"]["artifacts"])
@@ -295,6 +296,24 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
         res = state.stage("prune", f"{label} ({p['method']}, sparsity {s:g})", cfg.folder / "pruned" / label, fp,
                           build)
         out.append(ModelEntry(label, fp, res.folder, s))
+    for r in p["param_reductions"]:
+        label = model_label(p["method"], None, r)
+        settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device", "allocation")} | \
+            {"param_reduction": r}
+        fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
+
+        def build(tmp: Path, r=r) -> dict:
+            report = prune_checkpoint(load_source(cfg), tmp, sparsity=None, param_reduction=r,
+                                      allocation=p["allocation"], method=p["method"], targets=p["targets"],
+                                      align=p["align"], damp=p["damp"], device=p["device"],
+                                      calibration=_windows(calib),
+                                      calibration_description=calib.info["description"] if calib else None,
+                                      progress=state.progress)
+            return {"params_before": report["params_before"], "params_after": report["params_after"]}
+
+        res = state.stage("prune", f"{label} ({p['method']}, {100 * r:g}% of all parameters, {p['allocation']})",
+                          cfg.folder / "pruned" / label, fp, build)
+        out.append(ModelEntry(label, fp, res.folder, None, r))
     return out
 
 
@@ -388,7 +407,9 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
         res = state.stage("evaluate", f"{entry.label}: {', '.join(parts)}", cfg.folder / "evaluate" / entry.label,
                           fingerprint(settings, [entry.fingerprint] + ([heldout.fingerprint] if uses_heldout else [])),
                           build)
-        out.append({"label": entry.label, "sparsity": entry.sparsity, "path": str(entry.path) if entry.path else None,
+        out.append({"label": entry.label, "sparsity": entry.sparsity,
+                    **({"param_reduction": entry.param_reduction} if entry.param_reduction is not None else {}),
+                    "path": str(entry.path) if entry.path else None,
                     "fingerprint": entry.fingerprint, **res.info})
     return out, heldout
 

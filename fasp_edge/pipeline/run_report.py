@@ -43,7 +43,7 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
              f"data-free: {cal['nsamples']} x {cal['seqlen']} tokens sampled from the model itself at temperature "
              f"{cal['temperature']:g} (seed {cal['seed']})")
     out.append(("p", f"Model: {src}. Method: {cfg['prune']['method']} on {', '.join(cfg['prune']['targets'])} at "
-                     f"sparsity {', '.join(f'{s:g}' for s in cfg['prune']['sparsities'])}; calibration: {calib}. "
+                     f"{_cuts(cfg['prune'])}; calibration: {calib}. "
                      f"Finished {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(doc['started_unix'] + doc['duration_s']))}"
                      f", {doc['duration_s']:.0f} s in all ({sum(s['skipped'] for s in doc['stages'])} of "
                      f"{len(doc['stages'])} stages reused from an earlier run)."))
@@ -73,7 +73,9 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
     rows = []
     for m in models:
         base = dense["parameters"] if dense else None
-        rows.append([m["label"], "–" if m["sparsity"] is None else f"{m['sparsity']:g}",
+        cut = f"{m['sparsity']:g}" if m["sparsity"] is not None else \
+            (f"{100 * m['param_reduction']:g}% of params" if m.get("param_reduction") is not None else "–")
+        rows.append([m["label"], cut,
                      f"{_span(m.get('ffn_dims'))} / {_span(m.get('v_head_dims'))}", _count(m["parameters"]),
                      _count(m["nonembedding_parameters"]),
                      "–" if not base or m["label"] == "dense" else f"-{_pct(1 - m['parameters'] / base)}",
@@ -293,6 +295,17 @@ def to_html(bl: list[tuple]) -> str:
             body.append(f"<pre>{e(b[1])}</pre>")
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
             f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _cuts(prune: dict) -> str:
+    """How the run's models were cut, for the report's first paragraph."""
+    parts = []
+    if prune["sparsities"]:
+        parts.append(f"sparsity {', '.join(f'{s:g}' for s in prune['sparsities'])}")
+    if prune.get("param_reductions"):
+        parts.append(f"{', '.join(f'{100 * r:g}%' for r in prune['param_reductions'])} of all parameters "
+                     f"({prune['allocation']} allocation over layers)")
+    return " and ".join(parts)
 
 
 def write_run_report(doc: dict, folder: Path) -> None:
