@@ -57,7 +57,7 @@ def weight_bytes_per_token(manifest: dict) -> dict:
     keep8 = quant["recipe"]["keep_8bit"]
     hidden, vocab = model["hidden_size"], model["vocab_size"]
 
-    def size(name: str, out_f: int, in_f: int, eight: bool) -> float:
+    def size(out_f: int, in_f: int, eight: bool) -> float:
         return out_f * (in_f + 4) if eight else out_f * in_f * 0.5 + out_f * (in_f // 32) * 2
 
     layers = 0.0
@@ -66,8 +66,8 @@ def weight_bytes_per_token(manifest: dict) -> dict:
         for name, o, i in (("q_proj", h * d, hidden), ("k_proj", kv * d, hidden), ("v_proj", kv * dv, hidden),
                            ("o_proj", hidden, h * dv), ("gate_proj", f, hidden), ("up_proj", f, hidden),
                            ("down_proj", hidden, f)):
-            layers += size(name, o, i, name in keep8)
-    head = size("lm_head", vocab, hidden, quant["recipe"]["lm_head"] == "8bit")
+            layers += size(o, i, name in keep8)
+    head = size(vocab, hidden, quant["recipe"]["lm_head"] == "8bit")
     return {"layers_mb": round(layers / 1e6, 2), "lm_head_mb": round(head / 1e6, 2),
             "total_mb": round((layers + head) / 1e6, 2)}
 

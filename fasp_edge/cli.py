@@ -399,7 +399,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         calib = calibration_windows(tokenizer, file=args.calib_file, dataset=args.calib_dataset,
                                     nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed)
         calib_desc = calib.description
-    elif args.method != "magnitude" and (args.param_reduction or args.sparsity > 0):  # data-free: text sampled from the model itself
+    elif args.method != "magnitude" and (args.param_reduction or args.sparsity > 0):
+        # data-free: text sampled from the model itself
         log.info("no calibration text given: sampling %d x %d tokens from the model itself (temperature %.2g)",
                  args.nsamples, args.seqlen, args.calib_temperature)
         calib = self_generated_windows(model, tokenizer, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

@@ -19,7 +19,6 @@ during pruning, by the method's own score on the statistics of the already prune
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +26,7 @@ from torch import nn
 
 from ..errors import InvalidArgument
 from ..models.base import ModelFamily
+from .fasp import aligned_width, pair_output, score_channels, value_channel_scores
 
 RULES = ("standardized", "energy")
 
@@ -48,14 +48,7 @@ class PairUnits:
 
     def keep_at(self, threshold: float) -> int:
         above = int((self.values >= threshold).sum())
-        return _aligned(max(above, self.min_keep), self.width, self.align)
-
-
-def _aligned(keep: int, width: int, align: int) -> int:
-    """``keep`` rounded as :func:`fasp_edge.pipeline.fasp.keep_count` rounds a kept width."""
-    if keep >= width or align <= 1 or width < align:
-        return min(keep, width)
-    return int(min(width, max(align, align * math.floor(keep / align + 0.5))))
+        return aligned_width(max(above, self.min_keep), self.width, self.align)
 
 
 def _linear_cost(lin: nn.Linear, rows: bool) -> int:
@@ -66,9 +59,7 @@ def _linear_cost(lin: nn.Linear, rows: bool) -> int:
 def pair_units(family: ModelFamily, layer: nn.Module, index: int, kind: str, norms: torch.Tensor | None,
                rule: str, align: int) -> PairUnits:
     """The units of ``layer``'s ``kind`` pair valued by ``rule`` from its output Linear's input ``norms``."""
-    from .fasp import score_channels, value_channel_scores
-
-    out = family.attn_out(layer) if kind == "attn" else family.mlp_out(layer)
+    out = pair_output(family, layer, kind)
     w = out.weight.detach().to(torch.float64)
     if rule == "standardized":
         per_column = score_channels(out.weight, norms)
@@ -100,7 +91,7 @@ def removed_params(pairs: list[PairUnits], threshold: float) -> int:
 
 def allocate(pairs: list[PairUnits], target: int) -> tuple[dict[tuple[int, str], int], int]:
     """Kept counts per ``(layer, kind)`` whose removed parameters come closest to ``target``, and that count."""
-    most = sum(p.cost * (p.width - _aligned(p.min_keep, p.width, p.align)) for p in pairs)
+    most = sum(p.cost * (p.width - aligned_width(p.min_keep, p.width, p.align)) for p in pairs)
     if target > most:
         raise InvalidArgument(f"--param-reduction asks to remove {target:,} parameters, but the pruned pairs hold "
                               f"only {most:,} removable ones; lower it (or prune more --targets)")

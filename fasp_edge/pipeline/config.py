@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidArgument
+from .allocation import RULES as ALLOCATION_RULES
 
 DEFAULT_NAME = "run.toml"
 ARTIFACTS = {"pte": ("pte", "none"), "pte-8da4w": ("pte", "8da4w"), "onnx": ("onnx", "none"),
@@ -84,7 +85,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
     "prune": {"method": ("str", _choice(("fasp", "wanda-sp", "magnitude"))),
               "sparsities": ("list[number]", _fractions("sparsity")),
               "param_reductions": ("list[number]", _fractions("parameter reduction")),
-              "allocation": ("str", _choice(("standardized", "energy"))),
+              "allocation": ("str", _choice(ALLOCATION_RULES)),
               "targets": ("list[str]", lambda v: _non_empty(v) or _list_of(("mlp", "attn"))(v)),
               "align": ("int", _power_of_two), "damp": ("number", _at_least(0)),
               "device": ("str", _choice(("cpu", "cuda")))},

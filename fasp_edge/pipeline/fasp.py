@@ -90,10 +90,20 @@ def keep_count(width: int, sparsity: float, align: int = 1) -> int:
     Alignment rounds to the nearest multiple of ``align`` (halves up; at least ``align``, at most ``width``) and is
     skipped where nothing is removed or where ``width`` itself is smaller than ``align``.
     """
-    keep = width - int(math.floor(sparsity * width + 1e-9))
+    return aligned_width(width - int(math.floor(sparsity * width + 1e-9)), width, align)
+
+
+def aligned_width(keep: int, width: int, align: int) -> int:
+    """``keep`` of ``width`` channels rounded to the nearest multiple of ``align`` (halves up; at least ``align``,
+    at most ``width``); unchanged where nothing is removed or where ``width`` itself is smaller than ``align``."""
     if keep == width or align <= 1 or width < align:
         return keep
     return int(min(width, max(align, align * math.floor(keep / align + 0.5))))
+
+
+def pair_output(family: ModelFamily, layer: nn.Module, kind: str) -> nn.Linear:
+    """The second Linear of ``layer``'s ``kind`` pair (``"attn"``: the output projection; ``"mlp"``: W2)."""
+    return family.attn_out(layer) if kind == "attn" else family.mlp_out(layer)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,13 +149,18 @@ def restore_columns(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, da
     columns themselves, ``W2[:, M]`` (``"original"``: the refit leans toward no refit at all).
     """
     g = gram.to(torch.float64)
-    g_mm = g[keep][:, keep]
-    reg = damp * torch.diagonal(g_mm).mean()
-    a = g_mm + reg * torch.eye(len(keep), dtype=g.dtype, device=g.device)
     w = w2.detach().to(g)
-    rhs = w @ g[:, keep]
+    return _damped_solve(g[keep][:, keep], w @ g[:, keep], w[:, keep], damp, prior)
+
+
+def _damped_solve(g_mm: torch.Tensor, base: torch.Tensor, w_keep: torch.Tensor, damp: float,
+                  prior: str) -> torch.Tensor:
+    """:func:`restore_columns` given ``G[M, M]``, ``W2 G[:, M]`` and ``W2[:, M]`` (what every λ shares)."""
+    reg = damp * torch.diagonal(g_mm).mean()
+    a = g_mm + reg * torch.eye(g_mm.shape[0], dtype=g_mm.dtype, device=g_mm.device)
+    rhs = base
     if prior == "original":
-        rhs = rhs + reg * w[:, keep]
+        rhs = rhs + reg * w_keep
     rhs = rhs.T  # [k, out]
     chol, info = torch.linalg.cholesky_ex(a)
     if int(info) == 0:
@@ -157,15 +172,30 @@ def restore_columns(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, da
 
 def refit_error(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, x: torch.Tensor) -> float:
     """``||W2 Z − X Z_M||²`` over the tokens behind ``gram``, from the Gram matrix alone."""
+    return _refit_error_fn(w2, gram, keep)(x)
+
+
+def _refit_error_fn(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor):
+    """:func:`refit_error` as a function of ``X`` alone, with what does not depend on ``X`` computed once."""
     g = gram.to(torch.float64)
-    w, x = w2.detach().to(g), x.to(g)
-    return float((w @ g * w).sum() - 2 * (x @ g[keep] * w).sum() + (x @ g[keep][:, keep] * x).sum())
+    w = w2.detach().to(g)
+    dense, g_rows = (w @ g * w).sum(), g[keep]
+    g_mm = g_rows[:, keep]
+
+    def error(x: torch.Tensor) -> float:
+        x = x.to(g)
+        return float(dense - 2 * (x @ g_rows * w).sum() + (x @ g_mm * x).sum())
+    return error
 
 
 def choose_damp(w2: torch.Tensor, fit_gram: torch.Tensor, held_gram: torch.Tensor, keep: torch.Tensor,
                 prior: str) -> float:
     """The λ of :data:`DAMP_GRID` whose refit on ``fit_gram`` best reconstructs the held-out tokens' output."""
-    errors = {d: refit_error(w2, held_gram, keep, restore_columns(w2, fit_gram, keep, d, prior)) for d in DAMP_GRID}
+    g = fit_gram.to(torch.float64)
+    w = w2.detach().to(g)
+    g_mm, base, w_keep = g[keep][:, keep], w @ g[:, keep], w[:, keep]  # shared by every λ
+    error = _refit_error_fn(w2, held_gram, keep)
+    errors = {d: error(_damped_solve(g_mm, base, w_keep, d, prior)) for d in DAMP_GRID}
     return min(errors, key=errors.get)
 
 
@@ -346,9 +376,11 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torc
 
 
 def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], hidden: torch.Tensor, kwargs: dict,
-                       device: torch.device, full_gram: bool, holdout: bool, stats: dict, held: dict) -> float:
+                       device: torch.device, full_gram: bool, holdout: bool, stats: dict, held: dict,
+                       write_back: bool = False) -> float:
     """Run ``layer`` over every calibration window, folding the inputs of the second Linear of each of ``pairs``
-    into ``stats`` (and every ``HOLDOUT_EVERY``-th window's also into ``held``); returns the seconds spent folding."""
+    into ``stats`` (and every ``HOLDOUT_EVERY``-th window's also into ``held``); returns the seconds spent folding.
+    With ``write_back`` each window's output replaces it in ``hidden`` (the next layer's input)."""
     window, spent, hooks = [0], [0.0], []
 
     def make_hook(name: str, dim: int):
@@ -366,12 +398,14 @@ def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], 
         return hook
 
     for name in pairs:
-        lin = family.attn_out(layer) if name == "attn" else family.mlp_out(layer)
+        lin = pair_output(family, layer, name)
         hooks.append(lin.register_forward_pre_hook(make_hook(name, lin.in_features)))
     try:
         for i in range(hidden.shape[0]):
             window[0] = i
-            layer(hidden[i : i + 1].to(device), **kwargs)
+            out = layer(hidden[i : i + 1].to(device), **kwargs)
+            if write_back:
+                hidden[i : i + 1] = _layer_output(out).to("cpu")
     finally:
         for h in hooks:
             h.remove()
@@ -393,17 +427,8 @@ def _allocate(family: ModelFamily, layers: nn.ModuleList, targets: tuple[str, ..
         layer.to(device)
         norms: dict[str, InputStatistics] = {}
         if x is not None:
-            hooks = []
-            for name in targets:
-                lin = family.attn_out(layer) if name == "attn" else family.mlp_out(layer)
-                norms[name] = InputStatistics(lin.in_features, gram=False, device=device)
-                hooks.append(lin.register_forward_pre_hook(lambda m, args, st=norms[name]: st.update(args[0])))
-            try:
-                for i in range(x.shape[0]):
-                    x[i : i + 1] = _layer_output(layer(x[i : i + 1].to(device), **kwargs)).to("cpu")
-            finally:
-                for h in hooks:
-                    h.remove()
+            _gather_statistics(family, layer, list(targets), x, kwargs, device, full_gram=False, holdout=False,
+                               stats=norms, held={}, write_back=True)
         for name in targets:
             pairs.append(pair_units(family, layer, idx, name, norms[name].norms if name in norms else None, rule,
                                     align))

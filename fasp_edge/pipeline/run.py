@@ -280,40 +280,24 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
     cfg = state.cfg
     p = cfg["prune"]
     out = []
-    for s in p["sparsities"]:
-        label = model_label(p["method"], s)
-        settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device")} | {"sparsity": s}
+    # one model per sparsity (the same fraction of every pair), then one per fraction of all parameters
+    cuts = [(model_label(p["method"], s), {"sparsity": s}, f"sparsity {s:g}") for s in p["sparsities"]] + \
+        [(model_label(p["method"], None, r), {"param_reduction": r, "allocation": p["allocation"]},
+          f"{100 * r:g}% of all parameters, {p['allocation']}") for r in p["param_reductions"]]
+    for label, cut, what in cuts:
+        settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device")} | cut
         fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
 
-        def build(tmp: Path, s=s) -> dict:
-            report = prune_checkpoint(load_source(cfg), tmp, sparsity=s, method=p["method"], targets=p["targets"],
-                                      align=p["align"], damp=p["damp"], device=p["device"],
+        def build(tmp: Path, cut=cut) -> dict:
+            report = prune_checkpoint(load_source(cfg), tmp, **{"sparsity": None, **cut}, method=p["method"],
+                                      targets=p["targets"], align=p["align"], damp=p["damp"], device=p["device"],
                                       calibration=_windows(calib),
                                       calibration_description=calib.info["description"] if calib else None,
                                       progress=state.progress)
             return {"params_before": report["params_before"], "params_after": report["params_after"]}
 
-        res = state.stage("prune", f"{label} ({p['method']}, sparsity {s:g})", cfg.folder / "pruned" / label, fp,
-                          build)
-        out.append(ModelEntry(label, fp, res.folder, s))
-    for r in p["param_reductions"]:
-        label = model_label(p["method"], None, r)
-        settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device", "allocation")} | \
-            {"param_reduction": r}
-        fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
-
-        def build(tmp: Path, r=r) -> dict:
-            report = prune_checkpoint(load_source(cfg), tmp, sparsity=None, param_reduction=r,
-                                      allocation=p["allocation"], method=p["method"], targets=p["targets"],
-                                      align=p["align"], damp=p["damp"], device=p["device"],
-                                      calibration=_windows(calib),
-                                      calibration_description=calib.info["description"] if calib else None,
-                                      progress=state.progress)
-            return {"params_before": report["params_before"], "params_after": report["params_after"]}
-
-        res = state.stage("prune", f"{label} ({p['method']}, {100 * r:g}% of all parameters, {p['allocation']})",
-                          cfg.folder / "pruned" / label, fp, build)
-        out.append(ModelEntry(label, fp, res.folder, None, r))
+        res = state.stage("prune", f"{label} ({p['method']}, {what})", cfg.folder / "pruned" / label, fp, build)
+        out.append(ModelEntry(label, fp, res.folder, cut.get("sparsity"), cut.get("param_reduction")))
     return out
 
 
