@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--refit-prior", default="zero", choices=("zero", "original"),
                    help="what the damping pulls the refit weights toward: zero (ridge, default) or the original "
                    "kept weights (a large λ then gives wanda-sp)")
+    p.add_argument("--selection", default="score", choices=("score", "obs"),
+                   help="which channels FASP removes: by the Wanda-style column score (default) or obs: greedily the "
+                   "one whose removal leaves the least output error after the refit (OBS, from the inverse Gram)")
     p.add_argument("--sequential-stats", action="store_true",
                    help="prune each layer's attention first and gather its MLP's statistics through the pruned "
                    "attention (one more pass over the calibration windows per layer)")
@@ -380,7 +383,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp, args.refit_prior,
-                          args.param_reduction, args.allocation)
+                          args.param_reduction, args.allocation, args.selection)
     if args.calib_file and args.calib_dataset:
         raise InvalidArgument("give either --calib-file or --calib-dataset, not both")
     if args.calib_temperature <= 0:
@@ -409,7 +412,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     report = prune_checkpoint(loaded, Path(args.output), sparsity=args.sparsity, param_reduction=args.param_reduction,
                               allocation=args.allocation, method=args.method, targets=targets,
                               align=args.align, damp=args.damp, refit_prior=args.refit_prior,
-                              sequential=args.sequential_stats, device=args.device,
+                              sequential=args.sequential_stats, selection=args.selection, device=args.device,
                               calibration=None if calib is None else calib.windows, calibration_description=calib_desc,
                               overwrite=args.overwrite, progress=not args.quiet, load_seconds=load_seconds)
     how = f"sparsity {args.sparsity}" if args.param_reduction is None else \

@@ -72,14 +72,19 @@ def test_prune_then_eval(tmp_path, capsys):
 def test_prune_with_auto_damping_toward_the_original_weights(tmp_path, capsys):
     out = tmp_path / "auto"
     code, _, err = run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--damp", "auto", "--refit-prior", "original",
-                           "--sequential-stats", "-o", out)
+                           "--sequential-stats", "--selection", "obs", "-o", out)
     assert code == 0, err
     report = json.loads((out / "fasp_report.json").read_text())
-    assert report["damp"] == "auto" and report["refit_prior"] == "original"
+    assert report["damp"] == "auto" and report["refit_prior"] == "original" and report["selection"] == "obs"
     assert len(report["damp_chosen"]["mlp"]) == 5 and all(d > 0 for d in report["damp_chosen"]["attn"])
     fasp = json.loads((out / "config.json").read_text())["fasp"]
     assert fasp["damp"] == "auto" and fasp["refit_prior"] == "original" and fasp["sequential_statistics"]
+    assert fasp["selection"] == "obs"
     assert report["sequential_statistics"] is True
+    code, _, err = run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--method", "wanda-sp", "--selection", "obs",
+                           "-o", tmp_path / "w")
+    assert_one_line_error(code, err, "--selection obs")
+    assert_nothing_written(tmp_path, "w")
     with pytest.raises(SystemExit):  # argparse: usage, then the one-line reason
         run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--damp", "lots", "-o", tmp_path / "x")
     assert "expected a number >= 0 or 'auto'" in capsys.readouterr().err

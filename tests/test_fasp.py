@@ -9,7 +9,7 @@ from fasp_edge import prune
 from fasp_edge.models import family_for
 from fasp_edge.models.base import AttentionLayout
 from fasp_edge.errors import InvalidArgument
-from fasp_edge.pipeline.fasp import (DAMP_GRID, attention_columns, choose_damp, keep_count, refit_error,
+from fasp_edge.pipeline.fasp import (DAMP_GRID, attention_columns, choose_damp, keep_count, obs_select, refit_error,
                                      restore_columns, score_channels, top_channels, value_channel_scores)
 from fasp_edge.pipeline.stats import InputStatistics
 
@@ -160,6 +160,68 @@ def test_refit_toward_original_equals_its_closed_form_and_tends_to_no_refit():
     assert torch.allclose(far, w2[:, keep], atol=1e-6)
     gaps = [(restore_columns(w2, gram, keep, d, prior="original") - w2[:, keep]).norm() for d in (0.01, 0.1, 1, 10)]
     assert gaps == sorted(gaps, reverse=True)
+
+
+def dense_ffn(model):
+    return family_for(model).ffn_dims(model)
+
+
+def _damped_objective(w2, gram, cols, lam):
+    """min_X ||W2 Z − X Z_M||² + λ||X − W2_M||² over the kept columns ``cols``, by its closed form."""
+    g_mm = gram[cols][:, cols] + lam * torch.eye(len(cols), dtype=gram.dtype)
+    x = torch.linalg.solve(g_mm, (w2 @ gram[:, cols] + lam * w2[:, cols]).T).T
+    return refit_error(w2, gram, cols, x) + lam * (x - w2[:, cols]).pow(2).sum().item()
+
+
+@pytest.mark.parametrize("layout", ["columns", "grouped"])
+def test_obs_selection_is_the_greedy_minimum_of_the_damped_refit_error(layout):
+    z, w2, _ = _layer_problem(seed=4, tokens=300, d=12)
+    gram = z.T @ z
+    damp = 0.05
+    lam = damp * torch.diagonal(gram).mean().item()
+    if layout == "columns":  # FFN channels: one column each, 5 of 12 removed
+        units, buckets, quotas = torch.arange(12).unsqueeze(1), torch.zeros(12, dtype=torch.long), [5]
+    else:  # 4 query heads over 2 KV heads, value dim 3: unit (g, c) owns column c of both heads of group g
+        units = torch.tensor([[(2 * g) * 3 + c, (2 * g + 1) * 3 + c] for g in range(2) for c in range(3)])
+        buckets, quotas = torch.tensor([0, 0, 0, 1, 1, 1]), [2, 1]
+    kept = obs_select(w2, gram, units, buckets, quotas, damp)
+    # brute force: at every step remove the unit (within its bucket's quota) whose removal leaves the least objective
+    alive, left = set(range(len(units))), list(quotas)
+    for _ in range(sum(quotas)):
+        def objective(u):
+            cols = torch.tensor(sorted(c for v in alive - {u} for c in units[v].tolist()))
+            return _damped_objective(w2, gram, cols, lam)
+        best = min((u for u in alive if left[int(buckets[u])] > 0), key=objective)
+        alive.remove(best)
+        left[int(buckets[best])] -= 1
+    assert sorted(torch.nonzero(kept).squeeze(1).tolist()) == sorted(alive)
+
+
+def test_obs_selection_leaves_less_error_than_the_score():
+    z, w2, _ = _layer_problem(seed=5, tokens=500, d=32)
+    gram = z.T @ z
+    by_score = top_channels(score_channels(w2, torch.diagonal(gram).sqrt()), 20)
+    by_obs = torch.nonzero(obs_select(w2, gram, torch.arange(32).unsqueeze(1), torch.zeros(32, dtype=torch.long),
+                                      [12], 0.01)).squeeze(1)
+    errors = [refit_error(w2, gram, k, restore_columns(w2, gram, k, 0.01, "original")) for k in (by_score, by_obs)]
+    assert errors[1] < errors[0]
+
+
+@pytest.mark.parametrize("name", ["opt", "llama-gqa"])
+def test_obs_selection_prunes_a_model_closer_to_the_dense_one(windows, name):
+    dense = MODEL_BUILDERS[name]()
+    before = logits(dense, windows)
+    errors = {}
+    for selection in ("score", "obs"):
+        model = MODEL_BUILDERS[name]()
+        r = prune(model, sparsity=0.5, calibration=windows, selection=selection, damp=0.01, refit_prior="original",
+                  progress=False)
+        assert r.report()["selection"] == selection and r.ffn_dims == [keep_count(d, 0.5) for d in dense_ffn(dense)]
+        errors[selection] = (logits(model, windows) - before).pow(2).mean().item()
+    assert errors["obs"] < errors["score"]
+    with pytest.raises(InvalidArgument, match="--selection obs"):
+        prune(MODEL_BUILDERS[name](), sparsity=0.5, calibration=windows, method="wanda-sp", selection="obs",
+              progress=False)
 
 
 def test_refit_error_is_the_output_error_and_auto_damp_picks_the_held_out_best():

@@ -6,7 +6,9 @@ layers before it:
 1. one pass over the calibration windows gathers, for each pruned pair ``y = W2 · f(W1 · x)``, the
    float64 Gram matrix ``G = Z Zᵀ`` of ``W2``'s input ``Z``;
 2. channels are scored with ``score_j = ||Z_j||₂ · Σ_i |W2[i, j]|`` (summed over the query heads that
-   share a value channel under GQA) and the top ``k`` are kept (the same ``k`` in every KV head);
+   share a value channel under GQA) and the top ``k`` are kept (the same ``k`` in every KV head); or, with
+   ``selection="obs"``, removed one at a time by the output error their removal leaves after the refit
+   (:func:`obs_select`);
 3. the kept columns of ``W2`` are refit by damped least squares,
    ``W2'[:, M] = W2 · G[:, M] · (G[M, M] + λ·mean(diag G[M, M])·I)⁻¹`` (``refit_prior="zero"``), or, damped
    toward the kept columns as they were (``refit_prior="original"``: ``min ||W2 Z − X Z_M||² + λ'||X − W2_M||²``),
@@ -44,6 +46,7 @@ log = logging.getLogger(__name__)
 METHODS = ("magnitude", "wanda-sp", "fasp")
 TARGETS = ("mlp", "attn")
 REFIT_PRIORS = ("zero", "original")
+SELECTIONS = ("score", "obs")
 DAMP_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 HOLDOUT_EVERY = 4  # damp="auto": windows 3, 7, 11, ... measure each candidate λ, the others fit it
 
@@ -53,7 +56,7 @@ HOLDOUT_EVERY = 4  # damp="auto": windows 3, 7, 11, ... measure each candidate �
 # --------------------------------------------------------------------------------------------------
 def check_prune_arguments(sparsity: float | None, method: str, align: int, targets: Iterable[str],
                           damp: float | str, refit_prior: str = "zero", param_reduction: float | None = None,
-                          allocation: str = "standardized") -> None:
+                          allocation: str = "standardized", selection: str = "score") -> None:
     """Raise :class:`InvalidArgument` for any setting outside its range (before any work starts)."""
     from .allocation import RULES
 
@@ -80,6 +83,11 @@ def check_prune_arguments(sparsity: float | None, method: str, align: int, targe
         raise InvalidArgument(f"--targets must name some of {', '.join(TARGETS)}, got {','.join(targets) or 'nothing'}")
     if damp != "auto" and not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
         raise InvalidArgument(f"--damp must be a finite number >= 0 or 'auto', got {damp}")
+    if selection not in SELECTIONS:
+        raise InvalidArgument(f"unknown --selection {selection!r}; choose one of {', '.join(SELECTIONS)}")
+    if selection == "obs" and method != "fasp":
+        raise InvalidArgument("--selection obs chooses channels by the error left after FASP's refit; it needs "
+                              "--method fasp (wanda-sp and magnitude select by their score)")
     if refit_prior not in REFIT_PRIORS:
         raise InvalidArgument(f"unknown --refit-prior {refit_prior!r}; choose one of {', '.join(REFIT_PRIORS)}")
 
@@ -199,6 +207,58 @@ def choose_damp(w2: torch.Tensor, fit_gram: torch.Tensor, held_gram: torch.Tenso
     return min(errors, key=errors.get)
 
 
+def obs_select(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, buckets: torch.Tensor,
+               quotas: list[int], damp: float) -> torch.Tensor:
+    """Greedy OBS selection (ZipLM-style): which column groups of ``W2`` to keep.
+
+    ``groups`` is ``[n, s]``: the ``W2`` columns each removable unit owns (an FFN channel: one column; a value
+    channel: one column per query head that reads it); ``buckets[n]`` places each unit in a bucket (a KV head) from
+    which exactly ``quotas[b]`` units are removed. With ``H = G + λ'I`` (``λ' = damp · mean(diag G)``) and ``H⁻¹``
+    kept up to date, each step removes the unit whose removal, with the best refit of everything still kept, raises
+    ``||W2 Z − X Z_M||² + λ'||X − W2_M||²`` least: ``tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ)``; then ``W2`` and ``H⁻¹`` take the
+    matching rank-``s`` updates. Returns a bool mask ``[n]`` of the units kept.
+    """
+    g = gram.to(torch.float64)
+    w = w2.detach().to(g).clone()
+    reg = max(damp, 1e-6) * torch.diagonal(g).mean().clamp_min(1e-12)
+    h = g + reg * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    alive = torch.ones(groups.shape[0], dtype=torch.bool, device=groups.device)
+    left = [int(q) for q in quotas]
+    open_ = alive.clone()  # alive and its bucket still owes removals
+    for b, q in enumerate(left):
+        if q <= 0:
+            open_[buckets == b] = False
+    single = groups.shape[1] == 1
+    for _ in range(sum(left)):
+        if single:  # one column per unit: the error is a ratio, no solve
+            err = w.square().sum(0)[groups[:, 0]] / torch.diagonal(hinv)[groups[:, 0]]
+        else:
+            h_ss = hinv[groups.unsqueeze(2), groups.unsqueeze(1)]  # [n, s, s]
+            w_s = w[:, groups].permute(1, 2, 0)  # [n, s, out]
+            err = (w_s * torch.linalg.solve(h_ss, w_s)).sum((1, 2))
+        best = int(torch.argmin(torch.where(open_, err, torch.full_like(err, math.inf))))
+        s = groups[best]
+        if single:
+            j = int(s[0])
+            rows, pivot = hinv[j].clone(), hinv[j, j]
+            w.addr_(w[:, j] / pivot, rows, alpha=-1)
+            hinv.addr_(rows / pivot, rows, alpha=-1)
+        else:
+            rows = hinv[s].clone()  # [s, d]
+            inv_ss = torch.linalg.inv(rows[:, s])
+            w.addmm_(w[:, s] @ inv_ss, rows, alpha=-1)
+            hinv.addmm_(rows.T @ inv_ss, rows, alpha=-1)
+        w[:, s] = 0
+        hinv[s, s] = 1.0  # its row and column are now zero: a unit diagonal keeps every H⁻¹_SS solvable
+        alive[best] = open_[best] = False
+        b = int(buckets[best])
+        left[b] -= 1
+        if left[b] == 0:
+            open_[buckets == b] = False
+    return alive
+
+
 def _take_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
     new = empty_linear(lin.in_features, len(rows), lin.bias is not None, lin)
     with torch.no_grad():
@@ -238,13 +298,22 @@ class Refit:
     damp: float | str = 0.01
     prior: str = "zero"
     held: InputStatistics | None = None
+    selection: str = "score"  # "obs": units chosen by obs_select instead of the column score
+
+    def _damp(self, w2: torch.Tensor, stats: InputStatistics, keep: torch.Tensor) -> float:
+        if self.damp == "auto":
+            return choose_damp(w2, stats.gram - self.held.gram, self.held.gram, keep, self.prior)
+        return float(self.damp)
 
     def weights(self, w2: torch.Tensor, stats: InputStatistics, keep: torch.Tensor) -> tuple[torch.Tensor, float]:
         """The refit kept columns (in ``w2``'s dtype) and the λ they were solved with."""
-        damp = self.damp
-        if damp == "auto":
-            damp = choose_damp(w2, stats.gram - self.held.gram, self.held.gram, keep, self.prior)
+        damp = self._damp(w2, stats, keep)
         return restore_columns(w2, stats.gram, keep, damp, self.prior).to(w2.dtype), damp
+
+    def select(self, w2: torch.Tensor, stats: InputStatistics, scored_keep: torch.Tensor, groups: torch.Tensor,
+               buckets: torch.Tensor, quotas: list[int]) -> torch.Tensor:
+        """``obs_select``'s kept-unit mask, damped with the λ this refit would use on the score's choice."""
+        return obs_select(w2, stats.gram, groups, buckets, quotas, self._damp(w2, stats, scored_keep))
 
 
 def prune_mlp(family: ModelFamily, layer: nn.Module, keep_k: int, stats: InputStatistics | None,
@@ -255,6 +324,12 @@ def prune_mlp(family: ModelFamily, layer: nn.Module, keep_k: int, stats: InputSt
     keep = top_channels(scores, keep_k).to(w2.weight.device)
     if keep_k == w2.in_features:
         return keep, None
+    if refit is not None and refit.selection == "obs":
+        width = w2.in_features
+        units = torch.arange(width, device=keep.device).unsqueeze(1)
+        mask = refit.select(w2.weight, stats, keep, units, torch.zeros(width, dtype=torch.long, device=keep.device),
+                            [width - keep_k])
+        keep = torch.nonzero(mask).squeeze(1)
     new_w, damp = refit.weights(w2.weight, stats, keep) if refit else (None, None)
     family.set_mlp(layer, [_take_rows(m, keep) for m in family.mlp_in(layer)], _take_columns(w2, keep, new_w))
     return keep, damp
@@ -269,6 +344,15 @@ def prune_attention(family: ModelFamily, layer: nn.Module, keep_k: int, stats: I
     kept = top_channels(value_channel_scores(scores, layout), keep_k)
     if keep_k == layout.v_head_dim:
         return kept, None
+    if refit is not None and refit.selection == "obs":
+        kv, d, group = layout.num_kv_heads, layout.v_head_dim, layout.group_size
+        heads = torch.arange(layout.num_heads).view(kv, group)  # query heads reading each KV head
+        units = (heads.unsqueeze(1) * d + torch.arange(d).view(1, d, 1)).reshape(kv * d, group)  # unit g*d + c
+        buckets = torch.arange(kv).repeat_interleave(d)
+        _, scored_cols = attention_columns(kept, layout)
+        mask = refit.select(o.weight, stats, scored_cols.to(o.weight.device), units.to(o.weight.device),
+                            buckets.to(o.weight.device), [d - keep_k] * kv)
+        kept = torch.nonzero(mask.view(kv, d).cpu())[:, 1].view(kv, keep_k).to(kept.device)
     v_rows, o_cols = (t.to(o.weight.device) for t in attention_columns(kept, layout))
     new_w, damp = refit.weights(o.weight, stats, o_cols) if refit else (None, None)
     family.set_attn(layer, _take_rows(family.attn_in(layer), v_rows), _take_columns(o, o_cols, new_w), keep_k)
@@ -299,6 +383,7 @@ class PruneResult:
     timings: dict[str, float] = field(default_factory=dict)
     refit_prior: str = "zero"
     sequential: bool = False
+    selection: str = "score"
     param_reduction: float | None = None  # the target of --param-reduction (None: --sparsity)
     allocation: str | None = None
 
@@ -312,6 +397,7 @@ class PruneResult:
             "damp": self.damp,
             "refit_prior": self.refit_prior,
             "sequential_statistics": self.sequential,
+            "selection": self.selection,
             **({"param_reduction_target": self.param_reduction, "allocation": self.allocation}
                if self.param_reduction is not None else {}),
             **({"damp_chosen": {"mlp": [d.mlp_damp for d in self.decisions],
@@ -458,6 +544,7 @@ def prune(
     damp: float | str = 0.01,
     refit_prior: str = "zero",
     sequential: bool = False,
+    selection: str = "score",
     device: str | torch.device = "cpu",
     progress: bool = True,
 ) -> PruneResult:
@@ -473,7 +560,8 @@ def prune(
     """
     del tokenizer
     targets = tuple(t for t in TARGETS if t in set(targets))
-    check_prune_arguments(sparsity, method, align, targets, damp, refit_prior, param_reduction, allocation)
+    check_prune_arguments(sparsity, method, align, targets, damp, refit_prior, param_reduction, allocation,
+                          selection)
     family = family_for(model)
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -529,12 +617,12 @@ def prune(
             if "attn" in group:
                 k = keep_counts[(idx, "attn")] if keep_counts else \
                     keep_count(family.attention_layout(layer).v_head_dim, sparsity, align)
-                refit = Refit(damp, refit_prior, held.get("attn")) if restore else None
+                refit = Refit(damp, refit_prior, held.get("attn"), selection) if restore else None
                 kept, decision.attn_damp = prune_attention(family, layer, k, stats.get("attn"), refit)
                 decision.attn_keep = kept.cpu()
             if "mlp" in group:
                 k = keep_counts[(idx, "mlp")] if keep_counts else keep_count(family.ffn_dim(layer), sparsity, align)
-                refit = Refit(damp, refit_prior, held.get("mlp")) if restore else None
+                refit = Refit(damp, refit_prior, held.get("mlp"), selection) if restore else None
                 kept, decision.mlp_damp = prune_mlp(family, layer, k, stats.get("mlp"), refit)
                 decision.mlp_keep = kept.cpu()
             timings["solve"] += time.perf_counter() - t0
@@ -563,6 +651,7 @@ def prune(
         damp=damp if damp == "auto" else float(damp),
         refit_prior=refit_prior,
         sequential=sequential,
+        selection=selection,
         ffn_dims=family.ffn_dims(model),
         v_head_dims=family.v_head_dims(model),
         decisions=decisions,

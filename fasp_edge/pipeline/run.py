@@ -305,7 +305,8 @@ def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, 
                      damp: float | str, device: str, calibration: torch.Tensor | None,
                      calibration_description: dict | None, overwrite: bool = True, progress: bool = True,
                      load_seconds: float | None = None, refit_prior: str = "zero", sequential: bool = False,
-                     param_reduction: float | None = None, allocation: str = "standardized") -> dict:
+                     param_reduction: float | None = None, allocation: str = "standardized",
+                     selection: str = "score") -> dict:
     """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``."""
     from ..models.loading import sentencepiece_file
     from .checkpoint import fasp_section, save_pruned
@@ -316,13 +317,14 @@ def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, 
     result = prune(loaded.model, loaded.tokenizer, sparsity=sparsity, param_reduction=param_reduction,
                    allocation=allocation, method=method, calibration=calibration,
                    targets=targets, align=align, damp=damp, refit_prior=refit_prior, sequential=sequential,
-                   device=device, progress=progress)
+                   selection=selection, device=device, progress=progress)
     report = {"source_model": loaded.source, "source_sha256": source_hash, "calibration": calib_desc,
               **({"load_seconds": round(load_seconds, 3)} if load_seconds is not None else {}), **result.report()}
     section = fasp_section(loaded.model, method=method, sparsity=sparsity, extra={
         "targets": list(result.targets), "align": align, "damp": damp,
         **({"refit_prior": refit_prior} if refit_prior != "zero" else {}),
         **({"sequential_statistics": True} if sequential else {}),
+        **({"selection": selection} if selection != "score" else {}),
         **({"param_reduction": param_reduction, "allocation": allocation} if param_reduction is not None else {}),
         "calibration": calib_desc,
         "source_model": {"name": loaded.source, "sha256": source_hash},
