@@ -143,3 +143,17 @@ def test_param_reductions_name_budget_models_and_one_model_is_needed():
         load_config(None, ["prune.param_reductions=[1.2]"])
     with pytest.raises(ConfigError, match="same name"):
         load_config(None, ["prune.param_reductions=[0.2, 0.2000000001]"])
+
+
+def test_refit_settings_reach_the_config_and_are_checked_together():
+    cfg = load_config(None, ["prune.damp=\"auto\"", "prune.refit_prior=\"original\"", "prune.selection=\"obs\""])
+    assert (cfg["prune"]["damp"], cfg["prune"]["refit_prior"], cfg["prune"]["selection"]) == \
+        ("auto", "original", "obs")
+    with pytest.raises(ConfigError, match=r"prune\.damp must be a number or \"auto\", got a string"):
+        load_config(None, ["prune.damp=\"often\""])
+    with pytest.raises(ConfigError, match=r"prune\.refit_prior must be one of 'zero', 'original'"):
+        load_config(None, ["prune.refit_prior=\"mean\""])
+    with pytest.raises(ConfigError, match=r"prune\.selection \"obs\" .* needs prune\.method \"fasp\""):
+        load_config(None, ["prune.selection=\"obs\"", "prune.method=\"wanda-sp\""])
+    with pytest.raises(ConfigError, match=r"prune\.damp \"auto\" holds every 4th .* calibration\.nsamples"):
+        load_config(None, ["prune.damp=\"auto\"", "calibration.nsamples=3"])

@@ -11,6 +11,10 @@ shapes; its value comes from the unpruned model's calibration statistics, gather
   pair's sum, per parameter the unit costs: removing the cheapest units first equalizes the estimated relative
   output error per removed parameter across pairs.
 
+- ``uniform``: the unit's rank within its pair over the pair's width, so that every pair loses the same fraction
+  of its channels, give or take one unit (``--sparsity``'s meaning, with the fraction found from the budget); needs
+  no statistics.
+
 One global threshold over these values, found by bisection, sets every pair's kept count (each rounded to
 ``align`` as ``--sparsity`` rounds, at least ``align`` or 1 kept) so that the parameters removed come closest to
 ``R`` times all of the model's parameters (embeddings included). Which units go is then decided pair by pair
@@ -28,7 +32,7 @@ from ..errors import InvalidArgument
 from ..models.base import ModelFamily
 from .fasp import aligned_width, pair_output, score_channels, value_channel_scores
 
-RULES = ("standardized", "energy")
+RULES = ("standardized", "energy", "uniform")
 
 
 @dataclass
@@ -76,7 +80,12 @@ def pair_units(family: ModelFamily, layer: nn.Module, index: int, kind: str, nor
         units = torch.sort(per_channel, dim=1).values.sum(0)
         cost = layout.num_kv_heads * _linear_cost(family.attn_in(layer), rows=True) + \
             layout.num_heads * _linear_cost(out, rows=False)
-    if rule == "standardized":
+    if rule == "uniform":
+        # a tiny per-pair offset lets the threshold stop between pairs of one width, so the budget is met to one
+        # (aligned) unit of one pair rather than of all of them at once
+        values = (torch.arange(units.numel(), dtype=torch.float64) + 1) / units.numel() + \
+            1e-9 * (2 * index + (kind == "attn"))
+    elif rule == "standardized":
         std = units.std()
         values = (units - units.mean()) / (std if std > 0 else 1.0)
     else:

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from .allocation import RULES as ALLOCATION_RULES
+from .fasp import REFIT_PRIORS, SELECTIONS
 
 DEFAULT_NAME = "run.toml"
 ARTIFACTS = {"pte": ("pte", "none"), "pte-8da4w": ("pte", "8da4w"), "onnx": ("onnx", "none"),
@@ -87,7 +88,9 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
               "param_reductions": ("list[number]", _fractions("parameter reduction")),
               "allocation": ("str", _choice(ALLOCATION_RULES)),
               "targets": ("list[str]", lambda v: _non_empty(v) or _list_of(("mlp", "attn"))(v)),
-              "align": ("int", _power_of_two), "damp": ("number", _at_least(0)),
+              "align": ("int", _power_of_two),
+              "damp": ("damp", lambda v: None if v == "auto" or v >= 0 else "must be >= 0 or \"auto\""),
+              "refit_prior": ("str", _choice(REFIT_PRIORS)), "selection": ("str", _choice(SELECTIONS)),
               "device": ("str", _choice(("cpu", "cuda")))},
     "calibration": {"text_file": ("str", None), "nsamples": ("int", _at_least(1)), "seqlen": ("int", _at_least(2)),
                     "seed": ("int", None), "temperature": ("number", lambda v: None if v > 0 else "must be > 0")},
@@ -112,6 +115,8 @@ def _type_ok(kind: str, v: Any) -> bool:
         return _is_int(v)
     if kind == "number":
         return _is_num(v)
+    if kind == "damp":
+        return _is_num(v) or v == "auto"
     if kind == "list[str]":
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
     if kind == "list[number]":
@@ -201,7 +206,7 @@ def _set(base: dict, section: str, key: str, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: unknown key {_key(section, key)!r}{did}; "
                           f"{'[' + section + ']' if section else 'the top level'} takes {', '.join(known)}")
     kind, check = keys[key]
-    if kind == "number" and _is_int(value):
+    if kind in ("number", "damp") and _is_int(value):
         value = float(value)
     if kind == "list[number]" and isinstance(value, list):
         value = [float(x) if _is_int(x) else x for x in value]
@@ -219,7 +224,7 @@ def _set(base: dict, section: str, key: str, value: Any, where: str) -> None:
 
 def _describe(kind: str) -> str:
     return {"str": "a string", "bool": "true or false", "int": "a whole number", "number": "a number",
-            "list[str]": "a list of strings", "list[number]": "a list of numbers"}[kind]
+            "damp": 'a number or "auto"', "list[str]": "a list of strings", "list[number]": "a list of numbers"}[kind]
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -286,6 +291,13 @@ def _check(data: dict, origin) -> None:
         raise ConfigError(f"{origin('evaluate.agreement_seed', 'calibration.seed')}: evaluate.agreement_seed equals "
                           f"calibration.seed ({cal['seed']}); the agreement text must be held out from the "
                           "self-generated calibration text: change one of them")
+    if pr["selection"] == "obs" and pr["method"] != "fasp":
+        raise ConfigError(f"{origin('prune.selection', 'prune.method')}: prune.selection \"obs\" chooses channels by "
+                          f"the error left after FASP's refit; it needs prune.method \"fasp\", not {pr['method']!r}")
+    if pr["damp"] == "auto" and pr["method"] == "fasp" and cal["nsamples"] < 4:
+        raise ConfigError(f"{origin('prune.damp', 'calibration.nsamples')}: prune.damp \"auto\" holds every 4th "
+                          f"calibration window out to choose λ: set calibration.nsamples to at least 4 (it is "
+                          f"{cal['nsamples']}) or give prune.damp a number")
     if not pr["sparsities"] and not pr["param_reductions"]:
         raise ConfigError(f"{origin('prune.sparsities', 'prune.param_reductions')}: name at least one model to prune: "
                           "a value in prune.sparsities or in prune.param_reductions")

@@ -49,6 +49,7 @@ REFIT_PRIORS = ("zero", "original")
 SELECTIONS = ("score", "obs")
 DAMP_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 HOLDOUT_EVERY = 4  # damp="auto": windows 3, 7, 11, ... measure each candidate λ, the others fit it
+ALLOCATION_WINDOWS = 32  # --param-reduction values channels by input norms over the first 32 calibration windows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,10 +503,12 @@ def _allocate(family: ModelFamily, layers: nn.ModuleList, targets: tuple[str, ..
               kwargs: dict | None, device: torch.device, reduction: float, params_before: int, rule: str,
               align: int, progress: bool) -> dict[tuple[int, str], int]:
     """Kept counts per ``(layer, pair)`` for ``reduction`` of all parameters (:mod:`.allocation`), from one pass
-    of the calibration windows through the unpruned layers (no data: the weights alone)."""
+    of the first :data:`ALLOCATION_WINDOWS` calibration windows through the unpruned layers (no data: the weights
+    alone)."""
     from .allocation import allocate, pair_units
 
-    x = None if hidden is None else hidden.clone()
+    # uniform needs the shapes alone; the others read input norms, which a quarter of the windows pin down
+    x = None if hidden is None or rule == "uniform" else hidden[:ALLOCATION_WINDOWS].clone()
     pairs = []
     for idx in tqdm(range(len(layers)), desc="allocation pass", disable=not progress):
         layer = layers[idx]

@@ -285,12 +285,14 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
         [(model_label(p["method"], None, r), {"param_reduction": r, "allocation": p["allocation"]},
           f"{100 * r:g}% of all parameters, {p['allocation']}") for r in p["param_reductions"]]
     for label, cut, what in cuts:
-        settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device")} | cut
+        settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device")} | cut | \
+            {k: p[k] for k, default in (("refit_prior", "zero"), ("selection", "score")) if p[k] != default}
         fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
 
         def build(tmp: Path, cut=cut) -> dict:
             report = prune_checkpoint(load_source(cfg), tmp, **{"sparsity": None, **cut}, method=p["method"],
                                       targets=p["targets"], align=p["align"], damp=p["damp"], device=p["device"],
+                                      refit_prior=p["refit_prior"], selection=p["selection"],
                                       calibration=_windows(calib),
                                       calibration_description=calib.info["description"] if calib else None,
                                       progress=state.progress)
