@@ -224,6 +224,26 @@ def test_obs_selection_prunes_a_model_closer_to_the_dense_one(windows, name):
               progress=False)
 
 
+def test_held_out_windows_are_part_of_the_statistics_and_apart_in_held(windows):
+    from fasp_edge.pipeline.fasp import HOLDOUT_EVERY, _capture_layer_inputs, _gather_statistics
+
+    model = MODEL_BUILDERS["llama-gqa"]()
+    family = family_for(model)
+    layer = family.layers(model)[0]
+    hidden, kwargs = _capture_layer_inputs(model, family.layers(model), windows, progress=False)
+    cpu = torch.device("cpu")
+    every, held, alone, only_held = {}, {}, {}, {}
+    _gather_statistics(family, layer, ["mlp", "attn"], hidden, kwargs, cpu, True, True, every, held)
+    _gather_statistics(family, layer, ["mlp", "attn"], hidden, kwargs, cpu, True, False, alone, {})
+    _gather_statistics(family, layer, ["mlp", "attn"], hidden[HOLDOUT_EVERY - 1::HOLDOUT_EVERY].clone(), kwargs, cpu,
+                       True, False, only_held, {})
+    for name in ("mlp", "attn"):
+        assert every[name].tokens == alone[name].tokens == windows.numel()
+        assert torch.allclose(every[name].gram, alone[name].gram, rtol=1e-12, atol=1e-9)
+        assert held[name].tokens == only_held[name].tokens == windows.numel() // HOLDOUT_EVERY
+        assert torch.allclose(held[name].gram, only_held[name].gram, rtol=1e-12, atol=1e-9)
+
+
 def test_refit_error_is_the_output_error_and_auto_damp_picks_the_held_out_best():
     z, w2, keep = _layer_problem(seed=3, tokens=600)
     x = restore_columns(w2, z.T @ z, keep, 0.05)

@@ -466,7 +466,8 @@ def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], 
                        device: torch.device, full_gram: bool, holdout: bool, stats: dict, held: dict,
                        write_back: bool = False) -> float:
     """Run ``layer`` over every calibration window, folding the inputs of the second Linear of each of ``pairs``
-    into ``stats`` (and every ``HOLDOUT_EVERY``-th window's also into ``held``); returns the seconds spent folding.
+    into ``stats`` (every ``HOLDOUT_EVERY``-th window's into ``held`` first, then added to ``stats``, so that
+    ``stats`` holds all windows and ``stats - held`` the fit's); returns the seconds spent folding.
     With ``write_back`` each window's output replaces it in ``hidden`` (the next layer's input)."""
     window, spent, hooks = [0], [0.0], []
 
@@ -477,9 +478,8 @@ def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], 
 
         def hook(module, args):
             t = time.perf_counter()
-            stats[name].update(args[0])
-            if holdout and window[0] % HOLDOUT_EVERY == HOLDOUT_EVERY - 1:
-                held[name].update(args[0])
+            held_out = holdout and window[0] % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
+            (held if held_out else stats)[name].update(args[0])  # folded into stats once, after the pass
             spent[0] += time.perf_counter() - t
 
         return hook
@@ -496,6 +496,8 @@ def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], 
     finally:
         for h in hooks:
             h.remove()
+    for name in held:
+        stats[name].add(held[name])
     return spent[0]
 
 

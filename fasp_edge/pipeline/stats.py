@@ -34,6 +34,14 @@ class InputStatistics:
             self._sq += z.square().sum(0)
         self.tokens += z.shape[0]
 
+    def add(self, other: "InputStatistics") -> None:
+        """Fold in what ``other`` (the same Linear's statistics over other tokens) has gathered."""
+        if self.gram is not None:
+            self.gram += other.gram
+        else:
+            self._sq += other.squared_norms
+        self.tokens += other.tokens
+
     @property
     def squared_norms(self) -> torch.Tensor:
         """``||Z_j||²`` per input channel ``j`` over all tokens seen."""
