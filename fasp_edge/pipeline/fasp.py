@@ -347,8 +347,8 @@ def prune_attention(family: ModelFamily, layer: nn.Module, keep_k: int, stats: I
         return kept, None
     if refit is not None and refit.selection == "obs":
         kv, d, group = layout.num_kv_heads, layout.v_head_dim, layout.group_size
-        heads = torch.arange(layout.num_heads).view(kv, group)  # query heads reading each KV head
-        units = (heads.unsqueeze(1) * d + torch.arange(d).view(1, d, 1)).reshape(kv * d, group)  # unit g*d + c
+        _, every_col = attention_columns(torch.arange(d).expand(kv, d), layout)  # o_proj column of (head, channel)
+        units = every_col.view(kv, group, d).transpose(1, 2).reshape(kv * d, group)  # unit g*d + c: its heads' columns
         buckets = torch.arange(kv).repeat_interleave(d)
         _, scored_cols = attention_columns(kept, layout)
         mask = refit.select(o.weight, stats, scored_cols.to(o.weight.device), units.to(o.weight.device),
