@@ -41,14 +41,17 @@ TEST = DATA / "wikitext2" / "wiki.test.joined.txt"
 BROWN = DATA / "brown" / "brown.txt"
 EVAL_TEXTS = {"wikitext2_test": TEST, "brown": BROWN}
 #: the budget grid's methods: how each spends a budget of --param-reduction R (prune() keyword arguments)
+_NEW_REFIT = {"damp": "auto", "refit_prior": "original", "selection": "obs"}
 BUDGET_VARIANTS = {
-    "fasp": ("new FASP: standardized allocation, refit damped toward the kept weights (λ on held-out windows), "
-             "OBS selection",
-             {"method": "fasp", "allocation": "standardized", "damp": "auto", "refit_prior": "original",
-              "selection": "obs"}),
+    "fasp": ("new FASP: error-curve allocation, refit damped toward the kept weights (λ on held-out windows), "
+             "OBS selection", {"method": "fasp", "allocation": "error", **_NEW_REFIT}),
+    "fasp-standardized": ("new FASP with FLAP's standardized allocation instead",
+                          {"method": "fasp", "allocation": "standardized", **_NEW_REFIT}),
     "fasp-uniform": ("today's FASP: the same fraction of every pair, ridge refit λ = 0.01",
                      {"method": "fasp", "allocation": "uniform", "damp": 0.01, "refit_prior": "zero"}),
-    "wanda-sp": ("wanda-sp: the standardized allocation, no refit", {"method": "wanda-sp", "allocation": "standardized"}),
+    "wanda-sp": ("wanda-sp: the error-curve allocation, no refit", {"method": "wanda-sp", "allocation": "error"}),
+    "wanda-sp-standardized": ("wanda-sp: the standardized allocation, no refit",
+                              {"method": "wanda-sp", "allocation": "standardized"}),
 }
 CALIBRATIONS = ("wikitext2", "self")
 

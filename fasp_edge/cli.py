@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 from .errors import FaspError, InvalidArgument
+from .pipeline.allocation import RULES as ALLOCATION_RULES
+from .pipeline.fasp import DEFAULT_ALLOCATION
 
 log = logging.getLogger("fasp_edge")
 
@@ -63,9 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param-reduction", type=float, default=None,
                    help="fraction of ALL parameters to remove (embeddings included), spread over layers and over "
                    "MLP and attention by the calibration statistics (or give --sparsity)")
-    p.add_argument("--allocation", default="standardized", choices=("standardized", "energy", "uniform"),
-                   help="how --param-reduction spreads the cut: standardized (FLAP-style scores, default), "
-                   "energy (estimated output error per parameter) or uniform (the same fraction of every pair)")
+    p.add_argument("--allocation", default=DEFAULT_ALLOCATION, choices=ALLOCATION_RULES,
+                   help="how --param-reduction spreads the cut: error (measured refit error curves, relative to the "
+                   "residual stream, per parameter; default), standardized (FLAP-style scores), energy (estimated "
+                   "output error per parameter) or uniform (the same fraction of every pair)")
     p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp or magnitude")
     p.add_argument("--targets", default="mlp,attn", help="pairs to prune: mlp, attn or mlp,attn (default)")
     p.add_argument("--align", type=int, default=1, help="round kept widths to a multiple of N (power of two)")

@@ -217,7 +217,7 @@ def test_uneven_widths_from_a_parameter_budget_export_with_parity(tmp_path):
     model = MODEL_BUILDERS["llama-gqa"]()
     r = prune(model, param_reduction=0.3, calibration=random_windows(), progress=False)
     assert len(set(r.ffn_dims)) > 1 or len(set(r.v_head_dims)) > 1, (r.ffn_dims, r.v_head_dims)
-    assert max(r.v_head_dims) < 8  # pruned value heads: the padded custom-op attention
+    assert min(r.v_head_dims) < 8 and max(r.v_head_dims) <= 8  # pruned value heads (padded custom-op attention)
     b = export_bundle(LoadedModel(model, _ByteTok(), "random-llama-budget"), tmp_path / "b", formats=["pte", "onnx"],
                       max_context=100, progress=False)
     for fmt in ("pte", "onnx"):

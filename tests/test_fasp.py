@@ -9,8 +9,8 @@ from fasp_edge import prune
 from fasp_edge.models import family_for
 from fasp_edge.models.base import AttentionLayout
 from fasp_edge.errors import InvalidArgument
-from fasp_edge.pipeline.fasp import (DAMP_GRID, attention_columns, choose_damp, keep_count, obs_select, refit_error,
-                                     restore_columns, score_channels, top_channels, value_channel_scores)
+from fasp_edge.pipeline.fasp import (DAMP_GRID, attention_columns, choose_damp, keep_count, obs_curve, obs_select,
+                                     refit_error, restore_columns, score_channels, top_channels, value_channel_scores)
 from fasp_edge.pipeline.stats import InputStatistics
 
 from .conftest import MODEL_BUILDERS, random_windows
@@ -173,6 +173,14 @@ def _damped_objective(w2, gram, cols, lam):
     return refit_error(w2, gram, cols, x) + lam * (x - w2[:, cols]).pow(2).sum().item()
 
 
+def _obs_objective(w2, gram, cols, lam):
+    """What greedy OBS minimizes, ``min (X − W2) (G + λI) (X − W2)ᵀ`` over ``X`` zero outside ``cols``: the damped
+    refit objective plus ``λ·||W2||²`` of the removed columns."""
+    gone = torch.ones(w2.shape[1], dtype=torch.bool)
+    gone[cols] = False
+    return _damped_objective(w2, gram, cols, lam) + lam * w2[:, gone].pow(2).sum().item()
+
+
 @pytest.mark.parametrize("layout", ["columns", "grouped"])
 def test_obs_selection_is_the_greedy_minimum_of_the_damped_refit_error(layout):
     z, w2, _ = _layer_problem(seed=4, tokens=300, d=12)
@@ -190,11 +198,34 @@ def test_obs_selection_is_the_greedy_minimum_of_the_damped_refit_error(layout):
     for _ in range(sum(quotas)):
         def objective(u):
             cols = torch.tensor(sorted(c for v in alive - {u} for c in units[v].tolist()))
-            return _damped_objective(w2, gram, cols, lam)
+            return _obs_objective(w2, gram, cols, lam)
         best = min((u for u in alive if left[int(buckets[u])] > 0), key=objective)
         alive.remove(best)
         left[int(buckets[best])] -= 1
     assert sorted(torch.nonzero(kept).squeeze(1).tolist()) == sorted(alive)
+
+
+@pytest.mark.parametrize("layout", ["columns", "grouped"])
+@pytest.mark.parametrize("block", [1, 3])
+def test_obs_curve_adds_up_to_the_objective_after_each_removal(layout, block):
+    z, w2, _ = _layer_problem(seed=6, tokens=300, d=12)
+    gram = z.T @ z
+    damp = 0.05
+    lam = damp * torch.diagonal(gram).mean().item()
+    if layout == "columns":
+        units = torch.arange(12).unsqueeze(1)
+    else:  # 4 query heads over 2 KV heads, value dim 3
+        units = torch.tensor([[(2 * g) * 3 + c, (2 * g + 1) * 3 + c] for g in range(2) for c in range(3)])
+    n = len(units)
+    order, rises = obs_curve(w2, gram, units, n - 2, damp, block=block)
+    assert len(set(order.tolist())) == n - 2 and rises.shape == (n - 2,) and (rises >= 0).all()
+    for step in range(1, n - 1):  # the objective with the first `step` units of the order removed: the running sum
+        gone = set(order[:step].tolist())
+        cols = torch.tensor(sorted(c for u in range(n) if u not in gone for c in units[u].tolist()))
+        assert _obs_objective(w2, gram, cols, lam) == pytest.approx(float(rises[:step].sum()), rel=1e-6)
+        if block == 1:  # one unit per step: obs_select's greedy order
+            kept = obs_select(w2, gram, units, torch.zeros(n, dtype=torch.long), [step], damp)
+            assert set(torch.nonzero(~kept).squeeze(1).tolist()) == gone
 
 
 def test_obs_selection_leaves_less_error_than_the_score():
@@ -311,7 +342,7 @@ def test_sequential_statistics_see_the_pruned_attention(windows, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["opt", "llama-gqa", "qwen2-bias"])
-@pytest.mark.parametrize("rule", ["standardized", "energy", "uniform"])
+@pytest.mark.parametrize("rule", ["standardized", "energy", "error", "uniform"])
 def test_param_reduction_meets_its_budget(windows, name, rule):
     for reduction, align in ((0.1, 1), (0.25, 1), (0.25, 8)):
         model = MODEL_BUILDERS[name]()
@@ -329,6 +360,9 @@ def test_param_reduction_meets_its_budget(windows, name, rule):
             assert torch.isfinite(model(windows, use_cache=False).logits).all()
         if rule == "uniform" and align == 1:  # every MLP loses the same fraction, give or take one channel
             assert max(r.ffn_dims) - min(r.ffn_dims) <= 1
+    # magnitude reads no data: every rule values the channels from the weights alone
+    r = prune(MODEL_BUILDERS[name](), param_reduction=0.2, allocation=rule, method="magnitude", progress=False)
+    assert abs((1 - r.params_after / r.params_before) - 0.2) < 0.01
 
 
 def test_param_reduction_spreads_the_cut_by_the_statistics(windows):

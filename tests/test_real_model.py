@@ -50,7 +50,7 @@ def test_prune_stories260k_at_0_3():
 def test_param_reduction_on_stories260k_meets_the_budget_with_uneven_layers():
     loaded = load_model(STORIES)
     cal = calibration_windows(loaded.tokenizer, file=TINYSTORIES, nsamples=16, seqlen=128, seed=0)
-    for rule in ("standardized", "energy"):
+    for rule in ("standardized", "energy", "error"):
         model = load_model(STORIES).model
         r = prune(model, loaded.tokenizer, param_reduction=0.2, allocation=rule, calibration=cal.windows,
                   progress=False)

@@ -233,5 +233,5 @@ dense_artifacts = []
     assert pruned["param_reduction"] == 0.2 and pruned["sparsity"] is None
     assert abs(1 - pruned["parameters"] / models["dense"]["parameters"] - 0.2) < 0.005
     fasp = json.loads((run / "pruned" / "fasp-p0.2" / "config.json").read_text())["fasp"]
-    assert fasp["param_reduction"] == 0.2 and fasp["allocation"] == "standardized"
+    assert fasp["param_reduction"] == 0.2 and fasp["allocation"] == "error"
     assert "20% of params" in (run / "report.md").read_text()

@@ -136,7 +136,7 @@ def test_shipped_examples_are_valid():
 
 def test_param_reductions_name_budget_models_and_one_model_is_needed():
     cfg = load_config(None, ["prune.param_reductions=[0.16]"])
-    assert cfg["prune"]["param_reductions"] == [0.16] and cfg["prune"]["allocation"] == "standardized"
+    assert cfg["prune"]["param_reductions"] == [0.16] and cfg["prune"]["allocation"] == "error"
     with pytest.raises(ConfigError, match="name at least one model to prune"):
         load_config(None, ["prune.sparsities=[]"])
     with pytest.raises(ConfigError, match=r"prune\.param_reductions must hold fractions strictly between 0 and 1"):

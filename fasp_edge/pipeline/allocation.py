@@ -11,6 +11,14 @@ shapes; its value comes from the unpruned model's calibration statistics, gather
   pair's sum, per parameter the unit costs: removing the cheapest units first equalizes the estimated relative
   output error per removed parameter across pairs.
 
+- ``error``: the measured reconstruction-error curve of the pair. Greedy OBS removes the pair's units one at a
+  time (:func:`~.fasp.obs_curve`, on the Gram matrix of the pair's inputs, each token scaled by ``1 / rms`` of the
+  residual stream entering the layer, with the damped refit of what is kept), and a unit's value is the rise of
+  that relative output error when it goes (made non-decreasing along the removal order), per parameter it
+  costs: the threshold then spends the budget where the refit model loses least, relative to the stream each
+  pair writes into (a value channel's unit, one channel in every KV head, sums the rises of the next
+  ``kv_heads`` removals). Without calibration data (``magnitude``) the Gram matrix is the identity.
+
 - ``uniform``: the unit's rank within its pair over the pair's width, so that every pair loses the same fraction
   of its channels, give or take one unit (``--sparsity``'s meaning, with the fraction found from the budget); needs
   no statistics.
@@ -23,6 +31,7 @@ during pruning, by the method's own score on the statistics of the already prune
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +39,12 @@ from torch import nn
 
 from ..errors import InvalidArgument
 from ..models.base import ModelFamily
-from .fasp import aligned_width, pair_output, score_channels, value_channel_scores
+from .fasp import aligned_width, obs_curve, pair_output, score_channels, value_channel_groups, value_channel_scores
+from .stats import InputStatistics
 
-RULES = ("standardized", "energy", "uniform")
+RULES = ("error", "standardized", "energy", "uniform")
+CURVE_DAMP = 0.01  # the error rule's refit damping (λ relative to mean(diag G)), as prune's default
+CURVE_STEPS = 32  # the error rule's greedy removes a pair's units in about this many blocks
 
 
 @dataclass
@@ -60,10 +72,12 @@ def _linear_cost(lin: nn.Linear, rows: bool) -> int:
     return (lin.in_features + (lin.bias is not None)) if rows else lin.out_features
 
 
-def pair_units(family: ModelFamily, layer: nn.Module, index: int, kind: str, norms: torch.Tensor | None,
+def pair_units(family: ModelFamily, layer: nn.Module, index: int, kind: str, stats: InputStatistics | None,
                rule: str, align: int) -> PairUnits:
-    """The units of ``layer``'s ``kind`` pair valued by ``rule`` from its output Linear's input ``norms``."""
+    """The units of ``layer``'s ``kind`` pair valued by ``rule`` from its output Linear's input ``stats`` (norms;
+    the ``error`` rule: the residual-scaled Gram matrix)."""
     out = pair_output(family, layer, kind)
+    norms = stats.norms if stats is not None else None
     w = out.weight.detach().to(torch.float64)
     if rule == "standardized":
         per_column = score_channels(out.weight, norms)
@@ -80,7 +94,9 @@ def pair_units(family: ModelFamily, layer: nn.Module, index: int, kind: str, nor
         units = torch.sort(per_channel, dim=1).values.sum(0)
         cost = layout.num_kv_heads * _linear_cost(family.attn_in(layer), rows=True) + \
             layout.num_heads * _linear_cost(out, rows=False)
-    if rule == "uniform":
+    if rule == "error":
+        values = _error_values(family, layer, kind, out, stats, units.numel(), align) / cost
+    elif rule == "uniform":
         # a tiny per-pair offset lets the threshold stop between pairs of one width, so the budget is met to one
         # (aligned) unit of one pair rather than of all of them at once
         values = (torch.arange(units.numel(), dtype=torch.float64) + 1) / units.numel() + \
@@ -92,6 +108,23 @@ def pair_units(family: ModelFamily, layer: nn.Module, index: int, kind: str, nor
         total = units.sum()
         values = units / (total if total > 0 else 1.0) / cost
     return PairUnits(index, kind, values, int(cost), max(1, min(align, units.numel())), align)
+
+
+def _error_values(family: ModelFamily, layer: nn.Module, kind: str, out: nn.Linear, stats: InputStatistics,
+                  width: int, align: int) -> torch.Tensor:
+    """The ``error`` rule's rise per unit (``[width]``, removal order ascending; the units never removed: +inf)."""
+    min_keep = max(1, min(align, width))
+    if kind == "mlp":
+        groups, per_unit = torch.arange(width).unsqueeze(1), 1
+    else:
+        groups, _ = value_channel_groups(family.attention_layout(layer))
+        per_unit = family.attention_layout(layer).num_kv_heads
+    removals = (width - min_keep) * per_unit
+    gram = stats.gram if stats is not None else torch.eye(out.in_features, dtype=torch.float64)  # no data: weights
+    _, steps = obs_curve(out.weight, gram.to(out.weight.device), groups.to(out.weight.device), removals, CURVE_DAMP,
+                         block=per_unit * max(1, -(-removals // (per_unit * CURVE_STEPS))))
+    rises = torch.cummax(steps.view(-1, per_unit).sum(1), 0).values
+    return torch.cat([rises, torch.full((min_keep,), math.inf, dtype=torch.float64)])
 
 
 def removed_params(pairs: list[PairUnits], threshold: float) -> int:

@@ -50,6 +50,8 @@ SELECTIONS = ("score", "obs")
 DAMP_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0)
 HOLDOUT_EVERY = 4  # damp="auto": windows 3, 7, 11, ... measure each candidate λ, the others fit it
 ALLOCATION_WINDOWS = 32  # --param-reduction values channels by input norms over the first 32 calibration windows
+DEFAULT_ALLOCATION = "error"  # --param-reduction's rule (:data:`.allocation.RULES`), chosen on held-out text
+ERROR_CURVE_WINDOWS = 16  # ... or, --allocation error, by error curves from the first 16 windows' Gram matrices
 
 
 # --------------------------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ ALLOCATION_WINDOWS = 32  # --param-reduction values channels by input norms over
 # --------------------------------------------------------------------------------------------------
 def check_prune_arguments(sparsity: float | None, method: str, align: int, targets: Iterable[str],
                           damp: float | str, refit_prior: str = "zero", param_reduction: float | None = None,
-                          allocation: str = "standardized", selection: str = "score") -> None:
+                          allocation: str = DEFAULT_ALLOCATION, selection: str = "score") -> None:
     """Raise :class:`InvalidArgument` for any setting outside its range (before any work starts)."""
     from .allocation import RULES
 
@@ -149,6 +151,14 @@ def attention_columns(kept: torch.Tensor, layout: AttentionLayout) -> tuple[torc
     return v_rows, o_cols
 
 
+def value_channel_groups(layout: AttentionLayout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every value channel as an :func:`obs_select` unit: ``[kv_heads * v_head_dim, group_size]`` o_proj columns
+    (unit ``g·d + c``: channel ``c`` of KV head ``g``, read by each of its query heads) and each unit's KV head."""
+    kv, d, group = layout.num_kv_heads, layout.v_head_dim, layout.group_size
+    _, every_col = attention_columns(torch.arange(d).expand(kv, d), layout)  # o_proj column of (head, channel)
+    return every_col.view(kv, group, d).transpose(1, 2).reshape(kv * d, group), torch.arange(kv).repeat_interleave(d)
+
+
 def restore_columns(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor, damp: float,
                     prior: str = "zero") -> torch.Tensor:
     """Least-squares refit of the kept columns of ``W2`` (returned as ``[out, len(keep)]`` in float64).
@@ -188,12 +198,12 @@ def _refit_error_fn(w2: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor):
     """:func:`refit_error` as a function of ``X`` alone, with what does not depend on ``X`` computed once."""
     g = gram.to(torch.float64)
     w = w2.detach().to(g)
-    dense, g_rows = (w @ g * w).sum(), g[keep]
-    g_mm = g_rows[:, keep]
+    g_rows = g[keep]
+    dense, cross, g_mm = (w @ g * w).sum(), w @ g_rows.T, g_rows[:, keep]  # cross: W2 G[:, M]
 
     def error(x: torch.Tensor) -> float:
         x = x.to(g)
-        return float(dense - 2 * (x @ g_rows * w).sum() + (x @ g_mm * x).sum())
+        return float(dense - 2 * (x * cross).sum() + (x @ g_mm * x).sum())
     return error
 
 
@@ -216,8 +226,10 @@ def obs_select(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, bucke
     channel: one column per query head that reads it); ``buckets[n]`` places each unit in a bucket (a KV head) from
     which exactly ``quotas[b]`` units are removed. With ``H = G + λ'I`` (``λ' = damp · mean(diag G)``) and ``H⁻¹``
     kept up to date, each step removes the unit whose removal, with the best refit of everything still kept, raises
-    ``||W2 Z − X Z_M||² + λ'||X − W2_M||²`` least: ``tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ)``; then ``W2`` and ``H⁻¹`` take the
-    matching rank-``s`` updates. Returns a bool mask ``[n]`` of the units kept.
+    ``(X − W2) H (X − W2)ᵀ`` least (``X`` zero on the removed columns: the refit's damped objective
+    ``||W2 Z − X Z_M||² + λ'||X − W2_M||²`` plus ``λ'||W2||²`` of the removed columns), by
+    ``tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ)``; then ``W2`` and ``H⁻¹`` take the matching rank-``s`` updates. Returns a bool mask
+    ``[n]`` of the units kept.
     """
     g = gram.to(torch.float64)
     w = w2.detach().to(g).clone()
@@ -258,6 +270,52 @@ def obs_select(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, bucke
         if left[b] == 0:
             open_[buckets == b] = False
     return alive
+
+
+def obs_curve(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, removals: int, damp: float,
+              block: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """How :func:`obs_select`'s objective rises as ``removals`` units go, greedily, ``block`` units per step.
+
+    Each step takes the ``block`` units whose removal alone would raise the objective least, removes them in that
+    order and updates ``W2`` and ``H⁻¹`` once (one rank-``block·s`` update instead of ``block`` rank-``s`` ones;
+    ``block=1`` is :func:`obs_select`'s greedy order without buckets). Within a step the rises are exact for that
+    order: with ``H⁻¹_SS = L Lᵀ``, the ``j``-th removed column adds ``||(W_S L⁻ᵀ)[:, j]||²``. Returns the units in
+    removal order and each one's rise (``[removals]`` float64), so the running sum is the objective after each.
+    """
+    g = gram.to(torch.float64)
+    w = w2.detach().to(g).clone()
+    reg = max(damp, 1e-6) * torch.diagonal(g).mean().clamp_min(1e-12)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(g + reg * torch.eye(g.shape[0], dtype=g.dtype,
+                                                                            device=g.device)))
+    n, s = groups.shape
+    alive = torch.ones(n, dtype=torch.bool, device=groups.device)
+    order, rises, done = [], [], 0
+    while done < removals:
+        if s == 1:
+            err = w.square().sum(0)[groups[:, 0]] / torch.diagonal(hinv)[groups[:, 0]]
+        else:
+            w_s = w[:, groups].permute(1, 2, 0)  # [n, s, out]
+            err = (w_s * torch.linalg.solve(hinv[groups.unsqueeze(2), groups.unsqueeze(1)], w_s)).sum((1, 2))
+        err = torch.where(alive, err, torch.full_like(err, math.inf))
+        units = torch.topk(err, min(block, removals - done), largest=False).indices  # ascending
+        cols = groups[units].reshape(-1)
+        rows = hinv[cols].clone()  # [b·s, d]
+        chol = torch.linalg.cholesky(rows[:, cols])
+        u = torch.linalg.solve_triangular(chol, w[:, cols].T, upper=False)  # (W_S L⁻ᵀ)ᵀ
+        rises.append(u.square().sum(1).view(-1, s).sum(1))
+        step = torch.cholesky_solve(rows, chol)  # H⁻¹_SS⁻¹ H⁻¹_S:
+        w.addmm_(w[:, cols], step, alpha=-1)
+        hinv.addmm_(rows.T, step, alpha=-1)
+        w[:, cols] = 0
+        hinv[cols] = 0
+        hinv[:, cols] = 0
+        hinv[cols, cols] = 1.0  # a unit diagonal keeps every later H⁻¹_SS solvable
+        alive[units] = False
+        order.append(units)
+        done += len(units)
+    if not order:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(order), torch.cat(rises)
 
 
 def _take_rows(lin: nn.Linear, rows: torch.Tensor) -> nn.Linear:
@@ -346,10 +404,8 @@ def prune_attention(family: ModelFamily, layer: nn.Module, keep_k: int, stats: I
     if keep_k == layout.v_head_dim:
         return kept, None
     if refit is not None and refit.selection == "obs":
-        kv, d, group = layout.num_kv_heads, layout.v_head_dim, layout.group_size
-        _, every_col = attention_columns(torch.arange(d).expand(kv, d), layout)  # o_proj column of (head, channel)
-        units = every_col.view(kv, group, d).transpose(1, 2).reshape(kv * d, group)  # unit g*d + c: its heads' columns
-        buckets = torch.arange(kv).repeat_interleave(d)
+        kv, d = layout.num_kv_heads, layout.v_head_dim
+        units, buckets = value_channel_groups(layout)
         _, scored_cols = attention_columns(kept, layout)
         mask = refit.select(o.weight, stats, scored_cols.to(o.weight.device), units.to(o.weight.device),
                             buckets.to(o.weight.device), [d - keep_k] * kv)
@@ -464,22 +520,26 @@ def _capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: torc
 
 def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], hidden: torch.Tensor, kwargs: dict,
                        device: torch.device, full_gram: bool, holdout: bool, stats: dict, held: dict,
-                       write_back: bool = False) -> float:
+                       write_back: bool = False, relative: bool = False) -> float:
     """Run ``layer`` over every calibration window, folding the inputs of the second Linear of each of ``pairs``
     into ``stats`` (every ``HOLDOUT_EVERY``-th window's into ``held`` first, then added to ``stats``, so that
     ``stats`` holds all windows and ``stats - held`` the fit's); returns the seconds spent folding.
-    With ``write_back`` each window's output replaces it in ``hidden`` (the next layer's input)."""
-    window, spent, hooks = [0], [0.0], []
+    With ``write_back`` each window's output replaces it in ``hidden`` (the next layer's input). With ``relative``
+    each token's input is scaled by ``1 / rms(h)`` of its residual stream ``h`` entering the layer (a float32 Gram,
+    for :mod:`.allocation`'s error curves: the pair's output error relative to the stream it is added to)."""
+    window, spent, hooks, scale = [0], [0.0], [], [None]
 
     def make_hook(name: str, dim: int):
-        stats[name] = InputStatistics(dim, gram=full_gram, device=device)
+        stats[name] = InputStatistics(dim, gram=full_gram, device=device,
+                                      chunk_dtype=torch.float32 if relative else torch.float64)
         if holdout:
             held[name] = InputStatistics(dim, gram=True, device=device)
 
         def hook(module, args):
             t = time.perf_counter()
             held_out = holdout and window[0] % HOLDOUT_EVERY == HOLDOUT_EVERY - 1
-            (held if held_out else stats)[name].update(args[0])  # folded into stats once, after the pass
+            z = args[0] if scale[0] is None else args[0].reshape(-1, dim) * scale[0].reshape(-1, 1).to(args[0].dtype)
+            (held if held_out else stats)[name].update(z)  # folded into stats once, after the pass
             spent[0] += time.perf_counter() - t
 
         return hook
@@ -490,7 +550,10 @@ def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], 
     try:
         for i in range(hidden.shape[0]):
             window[0] = i
-            out = layer(hidden[i : i + 1].to(device), **kwargs)
+            x = hidden[i : i + 1].to(device)
+            if relative:
+                scale[0] = x.float().square().mean(-1, keepdim=True).clamp_min(1e-12).rsqrt()
+            out = layer(x, **kwargs)
             if write_back:
                 hidden[i : i + 1] = _layer_output(out).to("cpu")
     finally:
@@ -505,12 +568,15 @@ def _allocate(family: ModelFamily, layers: nn.ModuleList, targets: tuple[str, ..
               kwargs: dict | None, device: torch.device, reduction: float, params_before: int, rule: str,
               align: int, progress: bool) -> dict[tuple[int, str], int]:
     """Kept counts per ``(layer, pair)`` for ``reduction`` of all parameters (:mod:`.allocation`), from one pass
-    of the first :data:`ALLOCATION_WINDOWS` calibration windows through the unpruned layers (no data: the weights
-    alone)."""
+    of the first :data:`ALLOCATION_WINDOWS` (``error``: :data:`ERROR_CURVE_WINDOWS`) calibration windows through
+    the unpruned layers (no data: the weights alone)."""
     from .allocation import allocate, pair_units
 
-    # uniform needs the shapes alone; the others read input norms, which a quarter of the windows pin down
-    x = None if hidden is None or rule == "uniform" else hidden[:ALLOCATION_WINDOWS].clone()
+    # uniform needs the shapes alone; the others read input norms (error: Gram matrices), which a quarter (an
+    # eighth) of the windows pin down
+    error = rule == "error"
+    windows = ERROR_CURVE_WINDOWS if error else ALLOCATION_WINDOWS
+    x = None if hidden is None or rule == "uniform" else hidden[:windows].clone()
     pairs = []
     for idx in tqdm(range(len(layers)), desc="allocation pass", disable=not progress):
         layer = layers[idx]
@@ -518,11 +584,10 @@ def _allocate(family: ModelFamily, layers: nn.ModuleList, targets: tuple[str, ..
         layer.to(device)
         norms: dict[str, InputStatistics] = {}
         if x is not None:
-            _gather_statistics(family, layer, list(targets), x, kwargs, device, full_gram=False, holdout=False,
-                               stats=norms, held={}, write_back=True)
+            _gather_statistics(family, layer, list(targets), x, kwargs, device, full_gram=error, holdout=False,
+                               stats=norms, held={}, write_back=True, relative=error)
         for name in targets:
-            pairs.append(pair_units(family, layer, idx, name, norms[name].norms if name in norms else None, rule,
-                                    align))
+            pairs.append(pair_units(family, layer, idx, name, norms.get(name), rule, align))
         layer.to(home)
     keep, removed = allocate(pairs, round(reduction * params_before))
     log.info("allocation (%s): %d of %d parameters removed (%.2f%%, asked %.2f%%)", rule, removed, params_before,
@@ -541,7 +606,7 @@ def prune(
     *,
     sparsity: float | None = None,
     param_reduction: float | None = None,
-    allocation: str = "standardized",
+    allocation: str = DEFAULT_ALLOCATION,
     method: str = "fasp",
     calibration: torch.Tensor | None = None,
     targets: Iterable[str] = TARGETS,

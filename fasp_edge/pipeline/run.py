@@ -38,6 +38,7 @@ from ..fsutil import atomic_write_text, sha256_file, state_dict_sha256
 from ..procutil import die_with_parent_fn
 from .calibration import SELF_SAMPLER
 from .config import ARTIFACTS, STAGES, RunConfig, model_label
+from .fasp import DEFAULT_ALLOCATION
 from .stages import StageResult, fingerprint, run_stage, sweep_temporaries
 
 log = logging.getLogger("fasp_edge")
@@ -307,7 +308,7 @@ def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, 
                      damp: float | str, device: str, calibration: torch.Tensor | None,
                      calibration_description: dict | None, overwrite: bool = True, progress: bool = True,
                      load_seconds: float | None = None, refit_prior: str = "zero", sequential: bool = False,
-                     param_reduction: float | None = None, allocation: str = "standardized",
+                     param_reduction: float | None = None, allocation: str = DEFAULT_ALLOCATION,
                      selection: str = "score") -> dict:
     """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``."""
     from ..models.loading import sentencepiece_file

@@ -12,12 +12,14 @@ import torch
 class InputStatistics:
     """Accumulates ``G = Σ_t z_t z_tᵀ`` (or only its diagonal) over the tokens ``z_t`` fed to a Linear.
 
-    Each chunk's partial sum is formed in float64 and added to a float64 accumulator, so the result
-    does not depend on how the token stream is chunked beyond float64 rounding.
+    Each chunk's partial sum is formed in float64 (or in ``chunk_dtype``) and added to a float64 accumulator, so
+    the result does not depend on how the token stream is chunked beyond that rounding.
     """
 
-    def __init__(self, dim: int, *, gram: bool = True, device: torch.device | str = "cpu") -> None:
+    def __init__(self, dim: int, *, gram: bool = True, device: torch.device | str = "cpu",
+                 chunk_dtype: torch.dtype = torch.float64) -> None:
         self.dim = dim
+        self.chunk_dtype = chunk_dtype  # float32: each chunk's Gram product in float32 (4x faster on a CPU)
         self.tokens = 0
         self.gram: torch.Tensor | None = (
             torch.zeros(dim, dim, dtype=torch.float64, device=device) if gram else None
@@ -27,11 +29,14 @@ class InputStatistics:
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """Fold in a chunk of inputs of shape ``[..., dim]``."""
-        z = x.reshape(-1, self.dim).to(torch.float64)
+        z = x.reshape(-1, self.dim).to(self.chunk_dtype)
         if self.gram is not None:
-            self.gram.addmm_(z.T, z)
+            if self.chunk_dtype == torch.float64:
+                self.gram.addmm_(z.T, z)
+            else:
+                self.gram += (z.T @ z).to(torch.float64)
         else:
-            self._sq += z.square().sum(0)
+            self._sq += z.square().sum(0, dtype=torch.float64)
         self.tokens += z.shape[0]
 
     def add(self, other: "InputStatistics") -> None:
