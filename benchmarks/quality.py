@@ -163,7 +163,8 @@ def budget_markdown(rows: list[dict], windows: int) -> str:
             f"{min(r['ffn_dims'])}-{max(r['ffn_dims'])} | {min(r['v_head_dims'])}-{max(r['v_head_dims'])} | "
             f"{r['wikitext2_test'] / dense['wikitext2_test']:.3f} | {r['brown'] / dense['brown']:.3f} | "
             f"{r['prune_seconds']:.0f} |")
-    lines += ["", "Methods:"] + [f"- `{k}`: {v[0]}; `{v[1]}`" for k, v in BUDGET_VARIANTS.items()]
+    shown = {r["variant"] for r in rows}
+    lines += ["", "Methods:"] + [f"- `{k}`: {v[0]}; `{v[1]}`" for k, v in BUDGET_VARIANTS.items() if k in shown]
     return "\n".join(lines) + "\n"
 
 
