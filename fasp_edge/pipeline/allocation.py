@@ -117,8 +117,8 @@ def _error_values(family: ModelFamily, layer: nn.Module, kind: str, out: nn.Line
     if kind == "mlp":
         groups, per_unit = torch.arange(width).unsqueeze(1), 1
     else:
-        groups, _ = value_channel_groups(family.attention_layout(layer))
-        per_unit = family.attention_layout(layer).num_kv_heads
+        layout = family.attention_layout(layer)
+        (groups, _), per_unit = value_channel_groups(layout), layout.num_kv_heads
     removals = (width - min_keep) * per_unit
     gram = stats.gram if stats is not None else torch.eye(out.in_features, dtype=torch.float64)  # no data: weights
     _, steps = obs_curve(out.weight, gram.to(out.weight.device), groups.to(out.weight.device), removals, CURVE_DAMP,

@@ -218,6 +218,24 @@ def choose_damp(w2: torch.Tensor, fit_gram: torch.Tensor, held_gram: torch.Tenso
     return min(errors, key=errors.get)
 
 
+def _obs_start(w2: torch.Tensor, gram: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy OBS's starting state: a float64 copy of ``W2`` and ``H⁻¹``, ``H = G + λ'I``, ``λ' = damp·mean(diag G)``."""
+    g = gram.to(torch.float64)
+    reg = max(damp, 1e-6) * torch.diagonal(g).mean().clamp_min(1e-12)
+    h = g + reg * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    return w2.detach().to(g).clone(), torch.cholesky_inverse(torch.linalg.cholesky(h))
+
+
+def _obs_errors(w: torch.Tensor, hinv: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """How much removing each unit alone (its ``groups`` columns) would raise the objective now:
+    ``tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ)``, a ratio for one column per unit."""
+    if groups.shape[1] == 1:  # one column per unit: no solve
+        return w.square().sum(0)[groups[:, 0]] / torch.diagonal(hinv)[groups[:, 0]]
+    h_ss = hinv[groups.unsqueeze(2), groups.unsqueeze(1)]  # [n, s, s]
+    w_s = w[:, groups].permute(1, 2, 0)  # [n, s, out]
+    return (w_s * torch.linalg.solve(h_ss, w_s)).sum((1, 2))
+
+
 def obs_select(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, buckets: torch.Tensor,
                quotas: list[int], damp: float) -> torch.Tensor:
     """Greedy OBS selection (ZipLM-style): which column groups of ``W2`` to keep.
@@ -231,11 +249,7 @@ def obs_select(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, bucke
     ``tr(W_S (H⁻¹_SS)⁻¹ W_Sᵀ)``; then ``W2`` and ``H⁻¹`` take the matching rank-``s`` updates. Returns a bool mask
     ``[n]`` of the units kept.
     """
-    g = gram.to(torch.float64)
-    w = w2.detach().to(g).clone()
-    reg = max(damp, 1e-6) * torch.diagonal(g).mean().clamp_min(1e-12)
-    h = g + reg * torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    w, hinv = _obs_start(w2, gram, damp)
     alive = torch.ones(groups.shape[0], dtype=torch.bool, device=groups.device)
     left = [int(q) for q in quotas]
     open_ = alive.clone()  # alive and its bucket still owes removals
@@ -244,12 +258,7 @@ def obs_select(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, bucke
             open_[buckets == b] = False
     single = groups.shape[1] == 1
     for _ in range(sum(left)):
-        if single:  # one column per unit: the error is a ratio, no solve
-            err = w.square().sum(0)[groups[:, 0]] / torch.diagonal(hinv)[groups[:, 0]]
-        else:
-            h_ss = hinv[groups.unsqueeze(2), groups.unsqueeze(1)]  # [n, s, s]
-            w_s = w[:, groups].permute(1, 2, 0)  # [n, s, out]
-            err = (w_s * torch.linalg.solve(h_ss, w_s)).sum((1, 2))
+        err = _obs_errors(w, hinv, groups)
         best = int(torch.argmin(torch.where(open_, err, torch.full_like(err, math.inf))))
         s = groups[best]
         if single:
@@ -282,21 +291,12 @@ def obs_curve(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, remova
     order: with ``H⁻¹_SS = L Lᵀ``, the ``j``-th removed column adds ``||(W_S L⁻ᵀ)[:, j]||²``. Returns the units in
     removal order and each one's rise (``[removals]`` float64), so the running sum is the objective after each.
     """
-    g = gram.to(torch.float64)
-    w = w2.detach().to(g).clone()
-    reg = max(damp, 1e-6) * torch.diagonal(g).mean().clamp_min(1e-12)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(g + reg * torch.eye(g.shape[0], dtype=g.dtype,
-                                                                            device=g.device)))
+    w, hinv = _obs_start(w2, gram, damp)
     n, s = groups.shape
     alive = torch.ones(n, dtype=torch.bool, device=groups.device)
     order, rises, done = [], [], 0
     while done < removals:
-        if s == 1:
-            err = w.square().sum(0)[groups[:, 0]] / torch.diagonal(hinv)[groups[:, 0]]
-        else:
-            w_s = w[:, groups].permute(1, 2, 0)  # [n, s, out]
-            err = (w_s * torch.linalg.solve(hinv[groups.unsqueeze(2), groups.unsqueeze(1)], w_s)).sum((1, 2))
-        err = torch.where(alive, err, torch.full_like(err, math.inf))
+        err = torch.where(alive, _obs_errors(w, hinv, groups), torch.full_like(alive, math.inf, dtype=w.dtype))
         units = torch.topk(err, min(block, removals - done), largest=False).indices  # ascending
         cols = groups[units].reshape(-1)
         rows = hinv[cols].clone()  # [b·s, d]
