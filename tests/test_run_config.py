@@ -11,6 +11,8 @@ import pytest
 from fasp_edge.cli import main
 from fasp_edge.pipeline.config import SCHEMA, ConfigError, default_text, defaults, load_config
 
+from .conftest import STORIES
+
 
 def _write(tmp_path: Path, text: str, name: str = "my.toml") -> Path:
     p = tmp_path / name
@@ -91,6 +93,8 @@ def test_set_overrides_take_toml_values(tmp_path):
     ("name = \"a/b\"\n", r"my\.toml: name must be a non-empty word"),
     ("[evaluate]\nagreement_seed = 0\n", r"my\.toml: evaluate\.agreement_seed equals calibration\.seed"),
     ("[prune\n", r"my\.toml: not valid TOML"),
+    ("[evaluate]\ntasks = [\"mmlu\"]\n", r"my\.toml: evaluate\.tasks has 'mmlu'; choose from 'piqa', 'arc_easy'"),
+    ("[evaluate]\ntask_limit = -1\n", r"my\.toml: evaluate\.task_limit must be >= 0"),
 ])
 def test_bad_config_names_the_key_and_the_file(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
@@ -157,3 +161,21 @@ def test_refit_settings_reach_the_config_and_are_checked_together():
         load_config(None, ["prune.selection=\"obs\"", "prune.method=\"wanda-sp\""])
     with pytest.raises(ConfigError, match=r"prune\.damp \"auto\" holds every 4th .* calibration\.nsamples"):
         load_config(None, ["prune.damp=\"auto\"", "calibration.nsamples=3"])
+
+
+def test_tasks_are_off_by_default_and_a_too_long_request_stops_the_run_before_any_export():
+    from fasp_edge.pipeline.run import RunError, _check_tasks
+
+    assert load_config(None, [])["evaluate"]["tasks"] == []
+    pytest.importorskip("lm_eval", reason="the eval extra is not installed")
+    if not STORIES.exists():
+        pytest.skip("shared stories260K data absent")
+    from fasp_edge.models.loading import load_tokenizer
+
+    tok = load_tokenizer(str(STORIES))
+    cfg = load_config(None, ['evaluate.tasks=["winogrande", "boolq"]', "evaluate.task_limit=3", "export.max_context=128"])
+    with pytest.raises(RunError, match=r"task boolq's longest request is \d+ tokens, more than export\.max_context = "
+                                       r"128; raise export\.max_context to \d+ or leave boolq out of evaluate\.tasks"):
+        _check_tasks(cfg, tok)
+    _check_tasks(load_config(None, ['evaluate.tasks=["boolq"]', "export.artifacts=[]", "export.dense_artifacts=[]"]),
+                 tok)  # no artifact: nothing to fit

@@ -109,10 +109,14 @@ class OnnxModel:
         self.past = {i.name: np.zeros([1, i.shape[1], 0, i.shape[3]], dtype=np.float32) for i in self.inputs}
 
     def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
-        """Logits after ``tokens`` at positions ``start..``; ``start == 0`` begins a new sequence (as a .pte does)."""
+        """Logits after ``tokens`` at positions ``start..``; ``start == 0`` begins a new sequence and an earlier
+        ``start`` than the positions held drops those from ``start`` on (as a .pte overwrites them)."""
         if start == 0:
             self.reset()
         length = next(iter(self.past.values())).shape[2] if self.past else 0
+        if start < length:
+            self.past = {name: past[:, :, :start] for name, past in self.past.items()}
+            length = start
         if start != length:
             raise ValueError(f"ONNX decoder holds {length} positions, asked to continue at {start}")
         ids = tokens.to(torch.long).reshape(1, -1).numpy()

@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import InvalidArgument
 from .allocation import RULES as ALLOCATION_RULES
 from .fasp import REFIT_PRIORS, SELECTIONS
+from .tasks import TASKS
 
 DEFAULT_NAME = "run.toml"
 ARTIFACTS = {"pte": ("pte", "none"), "pte-8da4w": ("pte", "8da4w"), "onnx": ("onnx", "none"),
@@ -96,7 +97,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
                     "seed": ("int", None), "temperature": ("number", lambda v: None if v > 0 else "must be > 0")},
     "evaluate": {"text_file": ("str", None), "seqlen": ("int", _at_least(2)), "max_windows": ("int", _at_least(0)),
                  "agreement_samples": ("int", _at_least(0)), "agreement_seqlen": ("int", _at_least(2)),
-                 "agreement_seed": ("int", None)},
+                 "agreement_seed": ("int", None), "tasks": ("list[str]", _list_of(tuple(TASKS))),
+                 "task_limit": ("int", _at_least(0))},
     "export": {"artifacts": ("list[str]", _list_of(tuple(ARTIFACTS))),
                "dense_artifacts": ("list[str]", _list_of(tuple(ARTIFACTS))),
                "max_context": ("int", _at_least(2)), "jobs": ("int", _at_least(1))},

