@@ -68,7 +68,8 @@ def artifact(args) -> None:
     backend = args.backend or bundle.formats[0]
     engine = open_engine(backend, bundle=bundle)
     art = bundle.manifest["artifacts"][backend]["file"]
-    loaded = load_model(args.model or bundle.manifest["model"]["source"])
+    named = bundle.manifest["model"]["source"]  # a folder, or the embedded default model's description
+    loaded = load_model(args.model or (named if Path(named).exists() else None))
     tokenizer = load_tokenizer(str(bundle.path))
     names = parse_tasks(args.tasks)
     t0 = time.perf_counter()
