@@ -21,9 +21,9 @@ from .pipeline.fasp import DEFAULT_ALLOCATION
 log = logging.getLogger("fasp_edge")
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, what: str = "model folder, pruned checkpoint or hub id") -> None:
     p.add_argument("model", nargs="?", default=None,
-                   help="model folder, pruned checkpoint or hub id (default: the embedded SmolLM2-135M-Instruct)")
+                   help=f"{what} (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--gguf-file", default=None, help="load this GGUF file (relative to MODEL when both are given)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow a checkpoint's own Python code to run (off by default)")
@@ -97,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     p = sub.add_parser("eval", help="perplexity and zero-shot task accuracy of a model, checkpoint or bundle's artifact")
-    _add_model_args(p)
+    _add_model_args(p, "model folder, pruned checkpoint, hub id, GGUF file, or a bundle (scored through its artifact)")
     p.add_argument("--backend", choices=("torch", "pte", "onnx"), default=None,
                    help="what runs: torch for a model/checkpoint (default), pte or onnx for a bundle (default: its "
                    "first artifact); a bundle is scored through its artifact's own runtime")
