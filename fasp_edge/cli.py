@@ -439,7 +439,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from .pipeline.calibration import read_text_file
-    from .pipeline.perplexity import perplexity, step_perplexity
+    from .pipeline.perplexity import check_artifact_seqlen, perplexity, step_perplexity
     from .pipeline.tasks import StepScorer, TorchScorer, check_limit, data_root, evaluate_tasks, parse_tasks, \
         tasks_markdown
 
@@ -488,9 +488,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         scorer = TorchScorer(loaded.model, device=args.device)
         ppl = lambda: perplexity(loaded.model, tokenizer, text, seqlen=args.seqlen,  # noqa: E731
                                  max_windows=args.max_windows, device=args.device, progress=not args.quiet)
-    if text is not None and "artifact" in res and args.seqlen > bundle.max_context:
-        raise InvalidArgument(f"--seqlen {args.seqlen} is longer than the artifact's context of {bundle.max_context} "
-                              f"tokens; lower --seqlen or re-export with --max-context {args.seqlen}")
+    if text is not None and "artifact" in res:
+        check_artifact_seqlen(args.seqlen, bundle.max_context)  # before the tasks' work, not after it
     if names:  # first: a request longer than an artifact's context fails before any perplexity work
         t0 = time.perf_counter()
         res["tasks"] = evaluate_tasks(scorer, tokenizer, names, limit=args.limit, seed=args.seed,

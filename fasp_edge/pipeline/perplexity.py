@@ -58,6 +58,13 @@ def perplexity(model: torch.nn.Module, tokenizer, text: str, *, seqlen: int = 51
     return _result(total, windows, seqlen)
 
 
+def check_artifact_seqlen(seqlen: int, max_context: int | None) -> None:
+    """A perplexity window must fit an artifact's fixed context."""
+    if max_context is not None and seqlen > max_context:
+        raise InvalidArgument(f"--seqlen {seqlen} is longer than the artifact's context of {max_context} tokens; "
+                              f"lower --seqlen to {max_context} or re-export with --max-context {seqlen}")
+
+
 @torch.no_grad()
 def step_perplexity(step: Callable[[torch.Tensor, int], torch.Tensor], tokenizer, text: str, *, seqlen: int = 512,
                     max_windows: int | None = None, max_context: int | None = None, progress: bool = True) -> dict:
@@ -67,9 +74,7 @@ def step_perplexity(step: Callable[[torch.Tensor, int], torch.Tensor], tokenizer
     is fed one token per call from position 0, exactly as an app decodes, and each call's logits score the
     next token.
     """
-    if max_context is not None and seqlen > max_context:
-        raise InvalidArgument(f"--seqlen {seqlen} is longer than the artifact's context of {max_context} tokens; "
-                              f"lower --seqlen to {max_context} or re-export with --max-context {seqlen}")
+    check_artifact_seqlen(seqlen, max_context)
     ids, windows = _windows(tokenizer, text, seqlen, max_windows)
     total = 0.0
     bar = tqdm(total=windows * (seqlen - 1), desc="perplexity (artifact)", unit="tok", disable=not progress,

@@ -252,8 +252,8 @@ def _harness_lm(tokenizer, scorer: Scorer, progress: bool):
             return super().loglikelihood(requests, disable_tqdm=True)
 
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
-            lengths = [len(ctx) + len(cont) - 1 for _, ctx, cont in requests]
-            if scorer.fixed_context:
+            if scorer.fixed_context:  # a model's positions are cut from the left; an artifact's cache is not
+                lengths = [len(ctx) + len(cont) - 1 for _, ctx, cont in requests]
                 worst = max(range(len(requests)), key=lengths.__getitem__)
                 if lengths[worst] > scorer.max_length:
                     raise TaskTooLong(self._task_of[worst], lengths[worst], scorer.max_length)
@@ -270,11 +270,13 @@ def _harness_lm(tokenizer, scorer: Scorer, progress: bool):
             bar.close()
             return results
 
+        # lm-eval's LM interface also has these two request kinds; every task in TASKS is multiple-choice
+        # (parse_tasks admits no other), so the harness never sends them: reaching one is a bug, said plainly
         def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-            raise NotImplementedError("fasp-edge runs multiple-choice tasks only")
+            raise TypeError("rolling log-likelihood requests: fasp-edge's tasks are multiple-choice only")
 
         def generate_until(self, requests, disable_tqdm: bool = False):
-            raise NotImplementedError("fasp-edge runs multiple-choice tasks only")
+            raise TypeError("generation requests: fasp-edge's tasks are multiple-choice only")
 
     return ScorerLM()
 
