@@ -14,12 +14,25 @@ Two measurements, each written to ``benchmarks/results/`` as JSON and Markdown:
 
     .venv/bin/python benchmarks/tasks.py artifact out/bundles/smollm2-dense-fp32 --backend pte --limit 29 \
         --text-file ../shared/data/wikitext2/wiki.test.joined.txt --max-windows 4
+
+``grid``      the dense model and its FASP and wanda-sp prunes at each fraction R of all parameters removed
+              (``--param-reduction``, the budget grid's settings of ``benchmarks/quality.py``: WikiText-2
+              validation calibration 128 x 512 tokens, seed 0; ``--align 32`` as a shipped model is pruned, so
+              every Linear takes 4-bit groups), on the seven tasks (at most ``--limit`` documents per task, a
+              seeded subset), as fp32 PyTorch models and through their ``pte-8da4w`` artifacts. Every step
+              (checkpoint, PyTorch scores, bundle, artifact scores) lands in ``--work`` as it finishes and is
+              reused when the command runs again, so a stopped grid resumes; the results files are rewritten
+              after every step, with the rows still to come marked as such:
+
+    .venv/bin/python benchmarks/tasks.py grid                      # 7 models x 2 backends: many hours on 2 cores
+    .venv/bin/python benchmarks/tasks.py grid --reductions 0.16 --limit 50 --name tasks-grid-quick
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -115,6 +128,220 @@ def artifact(args) -> None:
     print("\n".join(lines))
 
 
+# ------------------------------------------------------------------------------------------------- grid
+#: the metric each task is reported by in the grid table: acc_norm where lm-eval defines it and the
+#: continuation length varies most (as pruning papers report them), acc elsewhere
+GRID_METRIC = {"piqa": "acc", "arc_easy": "acc", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
+               "winogrande": "acc", "boolq": "acc", "openbookqa": "acc_norm"}
+GRID_BACKENDS = ("torch", "pte-8da4w")
+GRID_ALIGN = 32
+
+
+def _grid_models(args) -> list[str]:
+    out = ["dense"]
+    for r in [float(x) for x in args.reductions.split(",") if x]:
+        out += [f"{v}-r{r:.2f}" for v in args.variants.split(",") if v]
+    return out
+
+
+def _save_json(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.rename(path)
+
+
+def _grid_checkpoint(model: str, work: Path, source: str | None) -> Path | None:
+    """The pruned checkpoint of ``model`` (``{variant}-r{R}``), made once; None for the dense model."""
+    if model == "dense":
+        return None
+    ckpt = work / "checkpoints" / model
+    if (ckpt / "config.json").exists():
+        return ckpt
+    from quality import BUDGET_VARIANTS, CALIB
+
+    from fasp_edge.models.loading import load_model
+    from fasp_edge.pipeline.calibration import calibration_windows
+    from fasp_edge.pipeline.run import prune_checkpoint
+
+    variant, r = model.rsplit("-r", 1)
+    loaded = load_model(source)
+    calib = calibration_windows(loaded.tokenizer, file=CALIB, nsamples=128, seqlen=512, seed=0)
+    kw = dict(BUDGET_VARIANTS[variant][1])
+    print(f"  pruning {model} ({kw})", file=sys.stderr, flush=True)
+    prune_checkpoint(loaded, ckpt, sparsity=None, param_reduction=float(r), method=kw.pop("method"),
+                     targets=["mlp", "attn"], align=GRID_ALIGN, device="cpu", calibration=calib.windows,
+                     calibration_description={"file": CALIB.name, "nsamples": 128, "seqlen": 512, "seed": 0},
+                     damp=kw.pop("damp", 0.01), **kw)
+    return ckpt
+
+
+def _grid_bundle(model: str, ckpt: Path | None, work: Path, max_context: int, source: str | None) -> Path:
+    bundle = work / "bundles" / f"{model}-pte-8da4w-ctx{max_context}"
+    if (bundle / "manifest.json").exists():
+        return bundle
+    from quality import TEST
+
+    from fasp_edge.export.bundle import export_bundle
+    from fasp_edge.models.loading import load_model
+    from fasp_edge.pipeline.calibration import read_text_file
+
+    print(f"  exporting {bundle.name} (max_context {max_context})", file=sys.stderr, flush=True)
+    export_bundle(load_model(source if ckpt is None else str(ckpt)), bundle, formats=["pte"], quant="8da4w",
+                  max_context=max_context, quality_text=read_text_file(TEST), quality_windows_count=2)
+    return bundle
+
+
+def _grid_row(model: str, backend: str, args, work: Path, max_context: int) -> dict:
+    from fasp_edge.pipeline.tasks import StepScorer, TorchScorer, evaluate_tasks, parse_tasks
+
+    names = parse_tasks(args.tasks)
+    ckpt = _grid_checkpoint(model, work, args.model)
+    row = {"model": model, "backend": backend, "checkpoint": None if ckpt is None else str(ckpt)}
+    if ckpt is not None:
+        rep = json.loads((ckpt / "fasp_report.json").read_text())
+        row.update({k: rep[k] for k in ("params_before", "params_after", "param_reduction", "ffn_dims",
+                                        "v_head_dims")})
+    else:
+        row["param_reduction"] = 0.0
+    t0 = time.perf_counter()
+    if backend == "torch":
+        from fasp_edge.models.loading import load_model
+
+        loaded = load_model(args.model if ckpt is None else str(ckpt))
+        res = evaluate_tasks(TorchScorer(loaded.model), loaded.tokenizer, names, limit=args.limit, seed=args.seed)
+    else:
+        from fasp_edge.export.bundle import load_bundle
+        from fasp_edge.models.loading import load_tokenizer
+        from fasp_edge.runtime_bench.engines import open_engine
+
+        bundle = load_bundle(_grid_bundle(model, ckpt, work, max_context, args.model))
+        engine = open_engine("pte", bundle=bundle)
+        art = bundle.manifest["artifacts"]["pte"]
+        files = [art["file"]] + ([art["data_file"]] if art.get("data_file") else [])
+        t0 = time.perf_counter()  # scoring only: the export's own time is in its manifest
+        res = evaluate_tasks(StepScorer(engine.step, bundle.max_context, "pte"), load_tokenizer(str(bundle.path)),
+                             names, limit=args.limit, seed=args.seed)
+        row.update({"bundle": str(bundle.path), "artifact": art["file"],
+                    "sha256": bundle.manifest["files"][art["file"]]["sha256"],
+                    "artifact_bytes": sum(bundle.manifest["files"][f]["bytes"] for f in files),
+                    "export_seconds": art.get("export_seconds"),
+                    "artifact_quality": art.get("quality")})
+    row.update({"seconds": round(time.perf_counter() - t0, 1), "tasks": res["tasks"], "choices": res["choices"],
+                "doc_ids": res["doc_ids"], "limit": args.limit, "seed": args.seed, "versions": res["versions"]})
+    return row
+
+
+def grid_markdown(rows: dict[tuple[str, str], dict], models: list[str], backends: list[str], names: list[str],
+                  args, max_context: int) -> str:
+    short = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "hellaswag": "HellaSwag",
+             "winogrande": "WinoG.", "boolq": "BoolQ", "openbookqa": "OBQA"}
+    head = [short.get(n, n) + (" (norm)" if GRID_METRIC.get(n) == "acc_norm" else "") for n in names]
+    any_row = next(iter(rows.values()), None)
+    docs = ", ".join(f"{short.get(n, n)} {any_row['tasks'][n]['documents']}" for n in names) if any_row else ""
+    lines = [
+        f"{args.model_name} and its prunes to a fraction R of all parameters (`--param-reduction"
+        f" R --align {GRID_ALIGN}`, WikiText-2 validation calibration 128 x 512 tokens), zero-shot accuracy "
+        f"(lm-evaluation-harness definitions, validation split; at most {args.limit} documents per task, seed "
+        f"{args.seed}: {docs}) as fp32 PyTorch models and through their `pte-8da4w` ExecuTorch artifacts "
+        f"(max_context {max_context}). `same` is the share of documents where the artifact picks the choice its "
+        "fp32 PyTorch model picks; `ppl x` the artifact's WikiText-2 test perplexity over its PyTorch model's "
+        f"(manifest, 2 windows). `{args.command}`",
+        "",
+        "| model | removed | backend | " + " | ".join(head) + " | mean | same | ppl x | MB |",
+        "|---|---|---|" + "---|" * len(names) + "---|---|---|---|",
+    ]
+    for m in models:
+        for b in backends:
+            r = rows.get((m, b))
+            if r is None:
+                lines.append(f"| {m} | | {b} | " + " | ".join("…" for _ in names) + " | (to come) | | | |")
+                continue
+            acc = [r["tasks"][n][GRID_METRIC.get(n, "acc")] for n in names]
+            same = ppl = size = ""
+            ref = rows.get((m, "torch"))
+            if b != "torch":
+                if ref is not None:
+                    both = [(x, y) for n in names for x, y in zip(r["choices"][n], ref["choices"][n])]
+                    same = f"{sum(x == y for x, y in both) / len(both):.3f}"
+                q = r.get("artifact_quality") or {}
+                if q.get("perplexity_ratio"):
+                    ppl = f"{q['perplexity_ratio']:.3f}"
+                size = f"{r['artifact_bytes'] / 1e6:.1f}"
+            lines.append(f"| {m} | {100 * r['param_reduction']:.1f}% | {b} | " + " | ".join(f"{a:.3f}" for a in acc)
+                         + f" | {sum(acc) / len(acc):.3f} | {same} | {ppl} | {size} |")
+    lines += ["", "Standard errors, acc and acc_norm of every task: the JSON file of the same name."]
+    return "\n".join(lines)
+
+
+def grid(args) -> None:
+    from fasp_edge.models.loading import DEFAULT_MODEL_NAME, load_model
+    from fasp_edge.pipeline.tasks import check_limit, longest_requests, parse_tasks
+
+    check_limit(args.limit)
+    names = parse_tasks(args.tasks)
+    work = Path(args.work)
+    models = _grid_models(args)
+    backends = [b for b in args.backends.split(",") if b]
+    bad = [b for b in backends if b not in GRID_BACKENDS]
+    if bad:
+        sys.exit(f"tasks.py: unknown backend(s) {', '.join(bad)}; choose among {', '.join(GRID_BACKENDS)}")
+    args.command = "python benchmarks/tasks.py " + " ".join(sys.argv[1:])
+    args.model_name = Path(args.model).name if args.model else DEFAULT_MODEL_NAME
+    cache = work / f"longest-requests-limit{args.limit}-seed{args.seed}.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if set(known) < set(names):
+        known |= longest_requests(load_model(args.model).tokenizer, [n for n in names if n not in known], limit=args.limit,
+                                  seed=args.seed)
+        _save_json(cache, known)
+    longest = {n: known[n] for n in names}
+    max_context = args.max_context or max(128, -(-max(longest.values()) // 64) * 64)
+    if max_context < max(longest.values()):
+        sys.exit(f"tasks.py: --max-context {max_context} is below the longest request, {max(longest.values())} tokens")
+    print(f"longest request {max(longest.values())} tokens ({longest}): artifacts get max_context {max_context}",
+          file=sys.stderr, flush=True)
+    rows: dict[tuple[str, str], dict] = {}
+    todo = [(m, b) for m in models for b in backends]
+    name = args.name or "tasks-grid"
+    computed = False
+    for i, (m, b) in enumerate(todo, 1):
+        done = work / "rows" / f"{m}-{b}-limit{args.limit}-seed{args.seed}.json"
+        if done.exists():
+            rows[(m, b)] = json.loads(done.read_text())
+            if set(rows[(m, b)]["tasks"]) >= set(names):
+                print(f"[{i}/{len(todo)}] {m} {b}: reused from {done}", file=sys.stderr, flush=True)
+                continue
+        print(f"[{i}/{len(todo)}] {m} {b} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "grid-row", json.dumps(
+            {"model": m, "backend": b, "source": args.model, "tasks": ",".join(names), "limit": args.limit, "seed": args.seed,
+             "work": str(work), "max_context": max_context, "out": str(done)})])
+        if proc.returncode != 0:
+            sys.exit(f"tasks.py: {m} {b} failed (exit {proc.returncode}); its output is above")
+        rows[(m, b)] = json.loads(done.read_text())
+        print(f"  {m} {b}: mean acc {sum(rows[(m, b)]['tasks'][n]['acc'] for n in names) / len(names):.3f} "
+              f"in {rows[(m, b)]['seconds']:.0f} s", file=sys.stderr, flush=True)
+        _grid_write(name, rows, models, backends, names, args, max_context, longest)  # a stopped grid shows its rows
+        computed = True
+    if not computed:
+        _grid_write(name, rows, models, backends, names, args, max_context, longest)
+
+
+def _grid_write(name, rows, models, backends, names, args, max_context, longest) -> None:
+    md = grid_markdown(rows, models, backends, names, args, max_context)
+    doc = {"command": args.command, "limit": args.limit, "seed": args.seed, "align": GRID_ALIGN,
+           "max_context": max_context, "longest_request": longest, "metric_shown": GRID_METRIC,
+           "rows": list(rows.values())}
+    _write(name, doc, md)
+
+
+def grid_row(spec: str) -> None:
+    """One grid step in its own process (the model, the export and the runtime freed when it ends)."""
+    cfg = json.loads(spec)
+    args = argparse.Namespace(tasks=cfg["tasks"], limit=cfg["limit"], seed=cfg["seed"], model=cfg["source"])
+    row = _grid_row(cfg["model"], cfg["backend"], args, Path(cfg["work"]), cfg["max_context"])
+    _save_json(Path(cfg["out"]), row)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="part", required=True)
@@ -127,13 +354,27 @@ def main() -> int:
     b.add_argument("--text-file", default=None)
     b.add_argument("--seqlen", type=int, default=512)
     b.add_argument("--max-windows", type=int, default=4)
-    for p in (a, b):
+    g = sub.add_parser("grid")
+    g.add_argument("--reductions", default="0.08,0.16,0.24", help="fractions of all parameters removed")
+    g.add_argument("--variants", default="fasp,wanda-sp", help="benchmarks/quality.py budget-grid methods")
+    g.add_argument("--backends", default=",".join(GRID_BACKENDS))
+    g.add_argument("--model", default=None, help="the dense model (default: the embedded SmolLM2-135M-Instruct)")
+    g.add_argument("--work", default=str(REPO / "out" / "tasks-grid"), help="finished steps, reused (one folder per "
+                   "--model)")
+    g.add_argument("--max-context", type=int, default=None, help="the artifacts' context (default: the longest "
+                   "request of the tasks' subsets, rounded up to 64)")
+    r = sub.add_parser("grid-row")
+    r.add_argument("spec")
+    for p in (a, b, g):
         p.add_argument("--tasks", default=ALL)
-        p.add_argument("--limit", type=int, default=None)
+        p.add_argument("--limit", type=int, default=500 if p is g else None)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--name", default=None, help="results file name (without suffix)")
     args = ap.parse_args()
-    {"accuracy": accuracy, "artifact": artifact}[args.part](args)
+    if args.part == "grid-row":
+        grid_row(args.spec)
+        return 0
+    {"accuracy": accuracy, "artifact": artifact, "grid": grid}[args.part](args)
     return 0
 
 

@@ -162,6 +162,18 @@ def test_eval_cli_states_the_subset(capsys):
 
 
 @needs_stories
+def test_longest_request_is_the_context_an_artifact_needs(stories):
+    """What benchmarks/tasks.py grid sizes its artifacts by: a context of exactly the longest request passes the
+    check, one token less fails on the task that holds it."""
+    longest = tasks_mod.longest_requests(stories.tokenizer, ["piqa", "boolq"], limit=3, seed=0)
+    assert set(longest) == {"piqa", "boolq"} and longest["boolq"] > longest["piqa"] > 10
+    tasks_mod.check_task_context(stories.tokenizer, ["piqa", "boolq"], limit=3, seed=0, max_context=longest["boolq"])
+    with pytest.raises(tasks_mod.TaskTooLong, match=f"task boolq's longest request is {longest['boolq']} tokens"):
+        tasks_mod.check_task_context(stories.tokenizer, ["piqa", "boolq"], limit=3, seed=0,
+                                     max_context=longest["boolq"] - 1)
+
+
+@needs_stories
 def test_eval_bad_input(stories_bundles, capsys, monkeypatch):
     folder, _ = stories_bundles["dense"]
     code, out, err = run_cli(capsys, "eval", STORIES, "--tasks", "piqa,mmlu")

@@ -207,12 +207,15 @@ class StepScorer:
 
 
 class ContextCheck:
-    """Scores nothing: the harness builds every request, and one longer than ``max_length`` is an error."""
+    """Scores nothing: the harness builds every request, and one longer than ``max_length`` is an error;
+    ``longest`` is the longest request seen (context + continuation - 1 tokens, what an artifact holds)."""
 
     def __init__(self, max_length: int):
         self.max_length, self.what, self.fixed_context = max_length, "context check", True
+        self.longest = 0
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        self.longest = max([self.longest] + [len(context) + len(c) - 1 for c in continuations])
         return [(0.0, False)] * len(continuations)
 
 
@@ -220,6 +223,16 @@ def check_task_context(tokenizer, names: list[str], *, limit: int | None, seed: 
     """Raise :class:`InvalidArgument` if a request of ``names`` (the ``limit``/``seed`` subset) is longer than
     ``max_context``: what an artifact of that context would fail on, checked in seconds before any export."""
     evaluate_tasks(ContextCheck(max_context), tokenizer, names, limit=limit, seed=seed, progress=False)
+
+
+def longest_requests(tokenizer, names: list[str], *, limit: int | None, seed: int) -> dict[str, int]:
+    """Per task, the longest request of the ``limit``/``seed`` subset in tokens: the context an artifact needs."""
+    out = {}
+    for name in names:
+        probe = ContextCheck(2**62)
+        evaluate_tasks(probe, tokenizer, [name], limit=limit, seed=seed, progress=False)
+        out[name] = probe.longest
+    return out
 
 
 def _harness_lm(tokenizer, scorer: Scorer, progress: bool):
@@ -231,7 +244,6 @@ def _harness_lm(tokenizer, scorer: Scorer, progress: bool):
         def __init__(self):
             super().__init__()
             self.tokenizer = tokenizer
-            self.longest: dict[str, tuple[int, str]] = {}
 
         @property
         def eot_token_id(self) -> int:
@@ -326,7 +338,7 @@ def evaluate_tasks(scorer: Scorer, tokenizer, names: list[str], *, limit: int | 
     bar = harness_task.tqdm
     harness_task.tqdm = functools.partial(bar, disable=True)  # its per-task request-building bars; ours is enough
     try:
-            out = simple_evaluate(model=lm, tasks=list(tasks.values()), samples=samples, log_samples=True,
+        out = simple_evaluate(model=lm, tasks=list(tasks.values()), samples=samples, log_samples=True,
                               random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed,
                               fewshot_random_seed=seed)
     finally:
