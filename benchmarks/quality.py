@@ -11,7 +11,7 @@ Two grids, each configuration in a fresh process so that its peak RSS is its own
   the old refit) and wanda-sp (the new allocation, no refit), calibrated on WikiText-2 validation and data-free (text
   sampled from the model itself, seed 0), evaluated on WikiText-2 test and on the Brown corpus (a second domain).
   Each row lands in ``--work`` as it finishes and is reused on the next run whatever the code (``--fresh`` redoes
-  them, as it should after a change to pruning).
+  them, as it should after a change to pruning; ``--measured`` tabulates the rows already there and runs none).
   Writes benchmarks/results/quality-budget.{json,md}.
 
     .venv/bin/python benchmarks/quality.py                 # sparsity grid, about 40 minutes on 2 cores
@@ -186,6 +186,9 @@ def run_budget(args) -> None:
             rows.append(json.loads(done.read_text()))
             print(f"[{i}/{len(configs)}] {key}: reused from {done}", file=sys.stderr, flush=True)
             continue
+        if args.measured:
+            print(f"[{i}/{len(configs)}] {key}: not measured, left out (--measured)", file=sys.stderr, flush=True)
+            continue
         print(f"[{i}/{len(configs)}] {key} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True)
         if proc.returncode != 0:
@@ -255,6 +258,8 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(BUDGET_VARIANTS), help="budget grid: methods")
     ap.add_argument("--work", default=str(REPO / "out" / "quality-budget"), help="budget grid: finished rows")
     ap.add_argument("--fresh", action="store_true", help="budget grid: redo rows already in --work")
+    ap.add_argument("--measured", action="store_true", help="budget grid: tabulate the rows already in --work, "
+                    "run none")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
