@@ -43,11 +43,11 @@ ALL = "piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq,openbookqa"
 
 
 def _write(name: str, doc: dict, md: str) -> None:
+    from fasp_edge.fsutil import atomic_write_text
+
     OUT.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(doc, indent=1) + "\n"), (".md", md + "\n")):
-        tmp = OUT / f".{name}{suffix}.tmp"
-        tmp.write_text(text)
-        tmp.rename(OUT / f"{name}{suffix}")
+    atomic_write_text(OUT / f"{name}.json", json.dumps(doc, indent=1) + "\n")
+    atomic_write_text(OUT / f"{name}.md", md + "\n")
     print(f"wrote {OUT / name}.json and .md", file=sys.stderr)
 
 
@@ -145,10 +145,10 @@ def _grid_models(args) -> list[str]:
 
 
 def _save_json(path: Path, doc: dict) -> None:
+    from fasp_edge.fsutil import atomic_write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.rename(path)
+    atomic_write_text(path, json.dumps(doc, indent=1) + "\n")
 
 
 def _grid_checkpoint(model: str, work: Path, source: str | None) -> Path | None:

@@ -207,15 +207,12 @@ class StepScorer:
 
 
 class ContextCheck:
-    """Scores nothing: the harness builds every request, and one longer than ``max_length`` is an error;
-    ``longest`` is the longest request seen (context + continuation - 1 tokens, what an artifact holds)."""
+    """Scores nothing: the harness builds every request, and one longer than ``max_length`` is an error."""
 
     def __init__(self, max_length: int):
         self.max_length, self.what, self.fixed_context = max_length, "context check", True
-        self.longest = 0
 
     def score(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
-        self.longest = max([self.longest] + [len(context) + len(c) - 1 for c in continuations])
         return [(0.0, False)] * len(continuations)
 
 
@@ -227,12 +224,8 @@ def check_task_context(tokenizer, names: list[str], *, limit: int | None, seed: 
 
 def longest_requests(tokenizer, names: list[str], *, limit: int | None, seed: int) -> dict[str, int]:
     """Per task, the longest request of the ``limit``/``seed`` subset in tokens: the context an artifact needs."""
-    out = {}
-    for name in names:
-        probe = ContextCheck(2**62)
-        evaluate_tasks(probe, tokenizer, [name], limit=limit, seed=seed, progress=False)
-        out[name] = probe.longest
-    return out
+    res = evaluate_tasks(ContextCheck(2**62), tokenizer, names, limit=limit, seed=seed, progress=False)
+    return {n: res["longest_request"][n] for n in names}
 
 
 def _harness_lm(tokenizer, scorer: Scorer, progress: bool):
@@ -244,6 +237,7 @@ def _harness_lm(tokenizer, scorer: Scorer, progress: bool):
         def __init__(self):
             super().__init__()
             self.tokenizer = tokenizer
+            self.longest: dict[str, int] = {}  # per task, the longest request a fixed-context scorer was sent
 
         @property
         def eot_token_id(self) -> int:
@@ -266,6 +260,8 @@ def _harness_lm(tokenizer, scorer: Scorer, progress: bool):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
             if scorer.fixed_context:  # a model's positions are cut from the left; an artifact's cache is not
                 lengths = [len(ctx) + len(cont) - 1 for _, ctx, cont in requests]
+                for task, n in zip(self._task_of, lengths):
+                    self.longest[task] = max(self.longest.get(task, 0), n)
                 worst = max(range(len(requests)), key=lengths.__getitem__)
                 if lengths[worst] > scorer.max_length:
                     raise TaskTooLong(self._task_of[worst], lengths[worst], scorer.max_length)
@@ -321,7 +317,8 @@ def evaluate_tasks(scorer: Scorer, tokenizer, names: list[str], *, limit: int | 
     """Zero-shot accuracy of ``scorer`` on ``names``; ``limit`` documents per task (a subset drawn with ``seed``).
 
     Returns ``{"tasks": {name: {"acc", "acc_stderr", ["acc_norm", "acc_norm_stderr"], "documents", "of"}},
-    "choices": {name: [...]}, "doc_ids": {...}, "loglikelihoods": {name: [[per choice] per document]}, "limit", "seed", "split", "versions"}``.
+    "choices": {name: [...]}, "doc_ids": {...}, "loglikelihoods": {name: [[per choice] per document]}, "limit", "seed", "split", "versions"}``, and for a
+    fixed-context scorer (an artifact) ``"longest_request": {name: tokens}``, the context each task needed.
     """
     check_limit(limit)
     tasks = load_tasks(names)
@@ -357,7 +354,8 @@ def evaluate_tasks(scorer: Scorer, tokenizer, names: list[str], *, limit: int | 
             "choices": {n: s.choices for n, s in scores.items()},
             "doc_ids": {n: s.doc_ids for n, s in scores.items()},
             "loglikelihoods": {n: s.loglikelihoods for n, s in scores.items()},
-            "limit": limit, "seed": seed, "split": SPLIT, "scorer": scorer.what, "versions": versions()}
+            "limit": limit, "seed": seed, "split": SPLIT, "scorer": scorer.what, "versions": versions(),
+            **({"longest_request": lm.longest} if scorer.fixed_context else {})}
 
 
 def _stderr(value, mean: float, n: int) -> float:
