@@ -7,8 +7,8 @@ Two grids, each configuration in a fresh process so that its peak RSS is its own
   Writes benchmarks/results/quality.{json,md}.
 - ``--grid budget``: at each fraction R of ALL parameters removed (``--param-reduction``), the new FASP
   (:data:`BUDGET_VARIANTS`: the budget spread over layers, the refit damped toward the kept weights with λ chosen on
-  held-out calibration windows, OBS channel selection) against today's uniform FASP (the same fraction of every pair,
-  the old refit) and wanda-sp (the new allocation, no refit), calibrated on WikiText-2 validation and data-free (text
+  held-out calibration windows, OBS channel selection) against uniform FASP as it was (the same fraction of every
+  pair, the refit before: ridge λ = 0.01, column score) and wanda-sp (the new allocation, no refit), calibrated on WikiText-2 validation and data-free (text
   sampled from the model itself, seed 0), evaluated on WikiText-2 test and on the Brown corpus (a second domain).
   Each row lands in ``--work`` as it finishes and is reused on the next run whatever the code (``--fresh`` redoes
   them, as it should after a change to pruning; ``--measured`` tabulates the rows already there and runs none).
@@ -47,8 +47,9 @@ BUDGET_VARIANTS = {
              "OBS selection", {"method": "fasp", "allocation": "error", **_NEW_REFIT}),
     "fasp-standardized": ("new FASP with FLAP's standardized allocation instead",
                           {"method": "fasp", "allocation": "standardized", **_NEW_REFIT}),
-    "fasp-uniform": ("today's FASP: the same fraction of every pair, ridge refit λ = 0.01",
-                     {"method": "fasp", "allocation": "uniform", "damp": 0.01, "refit_prior": "zero"}),
+    "fasp-uniform": ("FASP as it was: the same fraction of every pair, ridge refit λ = 0.01, column score",
+                     {"method": "fasp", "allocation": "uniform", "damp": 0.01, "refit_prior": "zero",
+                      "selection": "score"}),
     "wanda-sp": ("wanda-sp: the error-curve allocation, no refit", {"method": "wanda-sp", "allocation": "error"}),
     "wanda-sp-standardized": ("wanda-sp: the standardized allocation, no refit",
                               {"method": "wanda-sp", "allocation": "standardized"}),
@@ -79,6 +80,8 @@ def child(cfg: dict) -> dict:
         out.update({k: rep[k] for k in ("params_before", "params_after", "param_reduction",
                                          "nonembedding_params_before", "nonembedding_params_after",
                                          "nonembedding_param_reduction", "seconds", "timings")})
+        if cfg["method"] == "fasp":  # the library's default refit, recorded: the defaults may move, the rows not
+            out["refit"] = {k: rep[k] for k in ("damp", "refit_prior", "selection")}
         out["prune_seconds"] = out.pop("seconds")
         out["peak_rss_prune_mb"] = round(_rss_mb(), 1)
     else:
@@ -229,7 +232,10 @@ def host() -> dict:
 def markdown(rows: list[dict], windows: int) -> str:
     lines = [
         f"SmolLM2-135M-Instruct (dequantized Q4_1); WikiText-2 test perplexity, seqlen 512, first {windows} windows; "
-        "calibration 128 x 512 tokens of WikiText-2 validation, seed 0.",
+        "calibration 128 x 512 tokens of WikiText-2 validation, seed 0."
+        + "".join(sorted({f" fasp's refit (the library's default): damp {r['refit']['damp']}, refit_prior "
+                          f"{r['refit']['refit_prior']}, selection {r['refit']['selection']}."
+                          for r in rows if "refit" in r})),
         "",
         "| method | sparsity | params | non-emb. params removed | ppl | prune s | forward s | stats s | solve s | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|---|",

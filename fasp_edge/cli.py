@@ -72,15 +72,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp or magnitude")
     p.add_argument("--targets", default="mlp,attn", help="pairs to prune: mlp, attn or mlp,attn (default)")
     p.add_argument("--align", type=int, default=1, help="round kept widths to a multiple of N (power of two)")
-    p.add_argument("--damp", type=_damp, default=0.01,
-                   help="damping λ of the restoration, relative to the mean diagonal of the kept Gram block "
-                   "(default 0.01), or 'auto': chosen per pair on held-out calibration windows")
-    p.add_argument("--refit-prior", default="zero", choices=("zero", "original"),
-                   help="what the damping pulls the refit weights toward: zero (ridge, default) or the original "
-                   "kept weights (a large λ then gives wanda-sp)")
-    p.add_argument("--selection", default="score", choices=("score", "obs"),
-                   help="which channels FASP removes: by the Wanda-style column score (default) or obs: greedily the "
-                   "one whose removal leaves the least output error after the refit (OBS, from the inverse Gram)")
+    p.add_argument("--damp", type=_damp, default="auto",
+                   help="damping λ of the restoration: 'auto' (default) chooses it per pair on every 4th calibration "
+                   "window, held out of the fit; or a number, relative to the mean diagonal of the kept Gram block")
+    p.add_argument("--refit-prior", default="original", choices=("original", "zero"),
+                   help="what the damping pulls the refit weights toward: the original kept weights (default; a large "
+                   "λ then gives wanda-sp) or zero (ridge)")
+    p.add_argument("--selection", default="auto", choices=("auto", "score", "obs"),
+                   help="which channels are removed: obs, greedily the one whose removal leaves the least output error "
+                   "after the refit (OBS, from the inverse Gram); score, by the Wanda-style column score; auto "
+                   "(default): obs for fasp, score for the other methods. fasp-edge's refit before these defaults: "
+                   "--damp 0.01 --refit-prior zero --selection score")
     p.add_argument("--sequential-stats", action="store_true",
                    help="prune each layer's attention first and gather its MLP's statistics through the pruned "
                    "attention (one more pass over the calibration windows per layer)")
@@ -395,7 +397,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp, args.refit_prior,
-                          args.param_reduction, args.allocation, args.selection)
+                          args.param_reduction, args.allocation, args.selection, nsamples=args.nsamples)
     if args.calib_file and args.calib_dataset:
         raise InvalidArgument("give either --calib-file or --calib-dataset, not both")
     if args.calib_temperature <= 0:

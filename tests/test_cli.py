@@ -56,7 +56,11 @@ def test_prune_then_eval(tmp_path, capsys):
                 "seconds", "method", "sparsity"):
         assert key in report
     assert report["params_after"] < report["params_before"] and report["method"] == "fasp"
+    # the default refit: λ per pair on held-out windows, damped toward the kept weights, OBS selection
+    assert (report["damp"], report["refit_prior"], report["selection"]) == ("auto", "original", "obs")
+    assert len(report["damp_chosen"]["mlp"]) == 5
     fasp = json.loads((out / "config.json").read_text())["fasp"]
+    assert (fasp["damp"], fasp["refit_prior"], fasp["selection"]) == ("auto", "original", "obs")
     assert fasp["ffn_dims"] == [122] * 5 and fasp["v_head_dims"] == [6] * 5  # 121 aligned to 2
     assert fasp["calibration"]["file"] == TINYSTORIES.name and len(fasp["source_model"]["sha256"]) == 64
     assert fasp["method"] == "fasp" and fasp["sparsity"] == 0.3
@@ -85,6 +89,20 @@ def test_prune_with_auto_damping_toward_the_original_weights(tmp_path, capsys):
                            "-o", tmp_path / "w")
     assert_one_line_error(code, err, "--selection obs")
     assert_nothing_written(tmp_path, "w")
+    # the default --damp auto needs windows to hold out: said before the model loads, with what to give instead
+    code, _, err = run_cli(capsys, "prune", STORIES, "--calib-file", TINYSTORIES, "--nsamples", "3", "--seqlen", "64",
+                           "--sparsity", "0.3", "-o", tmp_path / "few")
+    assert_one_line_error(code, err, "--nsamples 4 or more, or a number for --damp")
+    assert_nothing_written(tmp_path, "few")
+    # the earlier refit stays reachable, and wanda-sp's default selection is its score
+    code, _, err = run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--damp", "0.01", "--refit-prior", "zero",
+                           "--selection", "score", "-o", tmp_path / "old")
+    assert code == 0, err
+    old = json.loads((tmp_path / "old" / "fasp_report.json").read_text())
+    assert (old["damp"], old["refit_prior"], old["selection"]) == (0.01, "zero", "score") and "damp_chosen" not in old
+    code, _, err = run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--method", "wanda-sp", "-o", tmp_path / "wsp")
+    assert code == 0, err
+    assert json.loads((tmp_path / "wsp" / "fasp_report.json").read_text())["selection"] == "score"
     with pytest.raises(SystemExit):  # argparse: usage, then the one-line reason
         run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--damp", "lots", "-o", tmp_path / "x")
     assert "expected a number >= 0 or 'auto'" in capsys.readouterr().err

@@ -71,6 +71,8 @@ def test_pruned_model_generates(any_model, windows):
     _, build = any_model
     model = build()
     prune(model, sparsity=0.3, method="fasp", calibration=windows, progress=False)
+    # a random model may well emit its EOS id; these 6 steps are about the cache, not where a text ends
+    model.generation_config.eos_token_id = None
     out = model.generate(windows[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 11)
     # the KV-cached greedy path agrees with a full forward on the same tokens
@@ -303,6 +305,10 @@ def test_auto_damp_prunes_and_records_each_pairs_choice(windows, prior):
 def test_auto_damp_needs_windows_to_hold_out_and_bad_priors_are_refused(windows):
     with pytest.raises(InvalidArgument, match="--nsamples"):
         prune(MODEL_BUILDERS["opt"](), sparsity=0.5, calibration=windows[:3], damp="auto", progress=False)
+    with pytest.raises(InvalidArgument, match="--nsamples 4 or more"):  # auto is the default
+        prune(MODEL_BUILDERS["opt"](), sparsity=0.5, calibration=windows[:3], progress=False)
+    # wanda-sp and magnitude never refit, so they need no held-out windows
+    prune(MODEL_BUILDERS["opt"](), sparsity=0.5, calibration=windows[:3], method="wanda-sp", progress=False)
     with pytest.raises(InvalidArgument, match="--refit-prior"):
         prune(MODEL_BUILDERS["opt"](), sparsity=0.5, calibration=windows, refit_prior="mean", progress=False)
     with pytest.raises(InvalidArgument, match="--damp"):

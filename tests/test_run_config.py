@@ -150,6 +150,11 @@ def test_param_reductions_name_budget_models_and_one_model_is_needed():
 
 
 def test_refit_settings_reach_the_config_and_are_checked_together():
+    defaults = load_config(None, [])["prune"]  # the measured-best refit is the default; the earlier one is reachable
+    assert (defaults["damp"], defaults["refit_prior"], defaults["selection"]) == ("auto", "original", "auto")
+    old = load_config(None, ["prune.damp=0.01", "prune.refit_prior=\"zero\"", "prune.selection=\"score\""])["prune"]
+    assert (old["damp"], old["refit_prior"], old["selection"]) == (0.01, "zero", "score")
+    assert load_config(None, ["prune.method=\"wanda-sp\""])["prune"]["selection"] == "auto"  # auto: score there
     cfg = load_config(None, ["prune.damp=\"auto\"", "prune.refit_prior=\"original\"", "prune.selection=\"obs\""])
     assert (cfg["prune"]["damp"], cfg["prune"]["refit_prior"], cfg["prune"]["selection"]) == \
         ("auto", "original", "obs")
@@ -161,6 +166,8 @@ def test_refit_settings_reach_the_config_and_are_checked_together():
         load_config(None, ["prune.selection=\"obs\"", "prune.method=\"wanda-sp\""])
     with pytest.raises(ConfigError, match=r"prune\.damp \"auto\" holds every 4th .* calibration\.nsamples"):
         load_config(None, ["prune.damp=\"auto\"", "calibration.nsamples=3"])
+    with pytest.raises(ConfigError, match=r"prune\.damp \"auto\" holds every 4th"):  # the default damp too
+        load_config(None, ["calibration.nsamples=3"])
 
 
 def test_tasks_are_off_by_default_and_a_too_long_request_stops_the_run_before_any_export():

@@ -43,7 +43,8 @@ from .fasp import aligned_width, obs_curve, pair_output, score_channels, value_c
 from .stats import InputStatistics
 
 RULES = ("error", "standardized", "energy", "uniform")
-CURVE_DAMP = 0.01  # the error rule's refit damping (λ relative to mean(diag G)), as prune's default
+CURVE_DAMP = 0.01  # the error rule's refit damping (λ relative to mean(diag G)): one fixed λ for all the curves;
+# the final refit then chooses its own per pair (prune's damp="auto")
 CURVE_STEPS = 32  # the error rule's greedy removes a pair's units in about this many blocks
 
 

@@ -291,7 +291,8 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
           f"{100 * r:g}% of all parameters, {p['allocation']}") for r in p["param_reductions"]]
     for label, cut, what in cuts:
         settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device")} | cut | \
-            {k: p[k] for k, default in (("refit_prior", "zero"), ("selection", "score")) if p[k] != default}
+            {k: p[k] for k, old in (("refit_prior", "zero"), ("selection", "score")) if p[k] != old}
+        # (refit_prior and selection are left out at their values before the defaults changed, as they were then)
         fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
 
         def build(tmp: Path, cut=cut) -> dict:
@@ -311,9 +312,9 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
 def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, targets: list[str], align: int,
                      damp: float | str, device: str, calibration: torch.Tensor | None,
                      calibration_description: dict | None, overwrite: bool = True, progress: bool = True,
-                     load_seconds: float | None = None, refit_prior: str = "zero", sequential: bool = False,
+                     load_seconds: float | None = None, refit_prior: str = "original", sequential: bool = False,
                      param_reduction: float | None = None, allocation: str = DEFAULT_ALLOCATION,
-                     selection: str = "score") -> dict:
+                     selection: str = "auto") -> dict:
     """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``."""
     from ..models.loading import sentencepiece_file
     from .checkpoint import fasp_section, save_pruned
@@ -329,9 +330,8 @@ def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, 
               **({"load_seconds": round(load_seconds, 3)} if load_seconds is not None else {}), **result.report()}
     section = fasp_section(loaded.model, method=method, sparsity=sparsity, extra={
         "targets": list(result.targets), "align": align, "damp": damp,
-        **({"refit_prior": refit_prior} if refit_prior != "zero" else {}),
+        **({"refit_prior": refit_prior, "selection": result.selection} if method == "fasp" else {}),
         **({"sequential_statistics": True} if sequential else {}),
-        **({"selection": selection} if selection != "score" else {}),
         **({"param_reduction": param_reduction, "allocation": allocation} if param_reduction is not None else {}),
         "calibration": calib_desc,
         "source_model": {"name": loaded.source, "sha256": source_hash},
