@@ -12,7 +12,7 @@ from fasp_edge.cli import main
 from fasp_edge.pipeline import tasks as tasks_mod
 from fasp_edge.pipeline.tasks import TASKS, StepScorer, TorchScorer, evaluate_tasks, load_tasks, subset
 
-from .conftest import STORIES, requires_shared
+from .conftest import MODEL_BUILDERS, STORIES, requires_shared
 from .test_cli import assert_one_line_error, run_cli
 
 pytest.importorskip("lm_eval", reason="the eval extra is not installed (pip install -e '.[eval]')")
@@ -57,6 +57,32 @@ def _by_hand(task: str, doc: dict) -> tuple[str, list[str], int]:
     assert task == "arc_easy"
     return (f"Question: {doc['question']}\nAnswer:", [" " + t for t in doc["choices"]["text"]],
             doc["choices"]["label"].index(doc["answerKey"]))
+
+
+@pytest.mark.parametrize("name", ["opt", "llama-gqa"])
+def test_shared_context_scoring_equals_scoring_each_choice_whole(name):
+    """TorchScorer runs the context once and feeds every continuation on a copy of its KV cache; each choice's
+    log-likelihood and greedy flag equal those of the whole sequence run alone (lm-eval's form)."""
+    model = MODEL_BUILDERS[name]().eval()
+    gen = torch.Generator().manual_seed(0)
+    context = torch.randint(3, 90, (11,), generator=gen).tolist()
+    conts = [torch.randint(3, 90, (n,), generator=gen).tolist() for n in (1, 4, 2, 6)]
+    scorer = TorchScorer(model)
+    got = scorer.score(context, conts)
+    for (ll, greedy), c in zip(got, conts):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([context + c]), use_cache=False).logits[0].float(), -1)
+        rows = logp[len(context) - 1 : -1]
+        assert ll == pytest.approx(float(rows.gather(1, torch.tensor(c)[:, None]).sum()), abs=1e-4)
+        assert greedy == bool((rows.argmax(-1) == torch.tensor(c)).all())
+    assert [round(x, 4) for x, _ in scorer.score(context, conts[:1])] == [round(got[0][0], 4)]  # alone = in a batch
+    # a request longer than the positions takes the whole-row form, cut from the left as lm-eval cuts it
+    short = TorchScorer(model, max_length=8)
+    (ll, _), = short.score(context, [conts[1]])
+    row = (context + conts[1])[-9:]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([row[:-1]]), use_cache=False).logits[0].float(), -1)
+    assert ll == pytest.approx(float(logp[-4:].gather(1, torch.tensor(conts[1])[:, None]).sum()), abs=1e-4)
 
 
 @needs_stories
