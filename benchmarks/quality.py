@@ -3,8 +3,10 @@
 Two grids, each configuration in a fresh process so that its peak RSS is its own:
 
 - ``--grid sparsity`` (default): dense vs magnitude / wanda-sp / fasp at several ``--sparsity`` values; calibration
-  on WikiText-2 VALIDATION (128 x 512 tokens, seed 0), evaluation on WikiText-2 TEST (first N windows of 512 tokens).
-  Writes benchmarks/results/quality.{json,md}.
+  on WikiText-2 VALIDATION (128 x 512 tokens, seed 0), evaluation on WikiText-2 TEST (first N windows of 512 tokens),
+  each method with the library's defaults (the rows record fasp's refit). Rows land in ``--work``
+  (out/quality-sparsity) as they finish and are reused, as in the budget grid below. Writes
+  benchmarks/results/quality.{json,md}.
 - ``--grid budget``: at each fraction R of ALL parameters removed (``--param-reduction``), the new FASP
   (:data:`BUDGET_VARIANTS`: the budget spread over layers, the refit damped toward the kept weights with λ chosen on
   held-out calibration windows, OBS channel selection) against uniform FASP as it was (the same fraction of every
@@ -33,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from fasp_edge.fsutil import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FASP_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -171,8 +175,32 @@ def budget_markdown(rows: list[dict], windows: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_rows(configs: list[dict], key, work: Path, args, summary) -> list[dict]:
+    """Each configuration in its own process; a finished row lands in ``work`` at once and is reused on the next run
+    (``--fresh`` redoes it, ``--measured`` runs none), so a grid that is stopped resumes where it was."""
+    rows = []
+    for i, cfg in enumerate(configs, 1):
+        done = work / f"{key(cfg)}.json"
+        if done.exists() and not args.fresh:
+            rows.append(json.loads(done.read_text()))
+            print(f"[{i}/{len(configs)}] {key(cfg)}: reused from {done}", file=sys.stderr, flush=True)
+            continue
+        if args.measured:
+            print(f"[{i}/{len(configs)}] {key(cfg)}: not measured, left out (--measured)", file=sys.stderr, flush=True)
+            continue
+        print(f"[{i}/{len(configs)}] {key(cfg)} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"quality.py: {key(cfg)} failed:\n{proc.stderr[-3000:]}")
+        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        atomic_write_text(done, json.dumps(row, indent=2) + "\n")
+        rows.append(row)
+        print(f"  {summary(row)}", file=sys.stderr, flush=True)
+    return rows
+
+
 def run_budget(args) -> None:
-    work = Path(args.work)
+    work = Path(args.work or REPO / "out" / "quality-budget")
     work.mkdir(parents=True, exist_ok=True)
     common = {"grid": "budget", "windows": args.windows, "nsamples": args.nsamples, "seqlen": args.seqlen,
               "work": str(work)}
@@ -181,35 +209,16 @@ def run_budget(args) -> None:
         for c in args.calibrations.split(","):
             for v in args.variants.split(","):
                 configs.append({"variant": v, "reduction": r, "calibration": c, **common})
-    rows = []
-    for i, cfg in enumerate(configs, 1):
-        key = f"{cfg['variant']}-r{cfg['reduction']:.2f}-{cfg['calibration']}-w{cfg['windows']}"
-        done = work / f"{key}.json"
-        if done.exists() and not args.fresh:
-            rows.append(json.loads(done.read_text()))
-            print(f"[{i}/{len(configs)}] {key}: reused from {done}", file=sys.stderr, flush=True)
-            continue
-        if args.measured:
-            print(f"[{i}/{len(configs)}] {key}: not measured, left out (--measured)", file=sys.stderr, flush=True)
-            continue
-        print(f"[{i}/{len(configs)}] {key} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"quality.py: {key} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(row, indent=2) + "\n")
-        tmp.rename(done)
-        rows.append(row)
-        print(f"  WikiText-2 test {row['wikitext2_test']:.3f}, Brown {row['brown']:.3f}, "
-              f"prune {row.get('prune_seconds', 0):.0f} s", file=sys.stderr, flush=True)
+    rows = run_rows(configs, lambda c: f"{c['variant']}-r{c['reduction']:.2f}-{c['calibration']}-w{c['windows']}",
+                    work, args, lambda r: f"WikiText-2 test {r['wikitext2_test']:.3f}, Brown {r['brown']:.3f}, "
+                                          f"prune {r.get('prune_seconds', 0):.0f} s")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "host": host(),
               "variants": {k: {"description": v[0], "settings": v[1]} for k, v in BUDGET_VARIANTS.items()},
               "runs": rows}
-    (out / "quality-budget.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "quality-budget.md").write_text(budget_markdown(rows, args.windows))
+    atomic_write_text(out / "quality-budget.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "quality-budget.md", budget_markdown(rows, args.windows))
     print(budget_markdown(rows, args.windows))
 
 
@@ -262,10 +271,10 @@ def main() -> None:
     ap.add_argument("--reductions", default="0.08,0.16,0.24", help="budget grid: fractions of all parameters")
     ap.add_argument("--calibrations", default=",".join(CALIBRATIONS), help="budget grid: wikitext2 and/or self")
     ap.add_argument("--variants", default=",".join(BUDGET_VARIANTS), help="budget grid: methods")
-    ap.add_argument("--work", default=str(REPO / "out" / "quality-budget"), help="budget grid: finished rows")
-    ap.add_argument("--fresh", action="store_true", help="budget grid: redo rows already in --work")
-    ap.add_argument("--measured", action="store_true", help="budget grid: tabulate the rows already in --work, "
-                    "run none")
+    ap.add_argument("--work", default=None, help="finished rows, reused (default: out/quality-sparsity or "
+                    "out/quality-budget)")
+    ap.add_argument("--fresh", action="store_true", help="redo rows already in --work (after a change to pruning)")
+    ap.add_argument("--measured", action="store_true", help="tabulate the rows already in --work, run none")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -289,21 +298,17 @@ def main() -> None:
     for s in [float(x) for x in args.sparsities.split(",")]:
         for m in args.methods.split(","):
             configs.append({"method": m, "sparsity": s, **common})
-    rows = []
-    for cfg in configs:
-        print(f"running {cfg['method']} at {cfg['sparsity']} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(cfg)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"quality.py: {cfg} failed:\n{proc.stderr[-3000:]}")
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append(row)
-        print(f"  ppl {row['ppl']:.3f}  prune {row.get('prune_seconds', 0):.1f} s  peak RSS {row['peak_rss_mb']:.0f} MB",
-              file=sys.stderr, flush=True)
+    work = Path(args.work or REPO / "out" / "quality-sparsity")
+    work.mkdir(parents=True, exist_ok=True)
+    rows = run_rows(configs,
+                    lambda c: f"{c['method']}-s{c['sparsity']:.2f}-{c['nsamples']}x{c['seqlen']}-w{c['windows']}",
+                    work, args, lambda r: f"ppl {r['ppl']:.3f}  prune {r.get('prune_seconds', 0):.1f} s  "
+                                          f"peak RSS {r['peak_rss_mb']:.0f} MB")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = {"command": "python benchmarks/quality.py " + " ".join(sys.argv[1:]), "host": host(), "runs": rows}
-    (out / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "quality.md").write_text(markdown(rows, args.windows))
+    atomic_write_text(out / "quality.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "quality.md", markdown(rows, args.windows))
     print(markdown(rows, args.windows))
 
 
