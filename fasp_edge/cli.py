@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import FaspError, InvalidArgument
 from .pipeline.allocation import RULES as ALLOCATION_RULES
-from .pipeline.fasp import DEFAULT_ALLOCATION
+from .pipeline.fasp import DEFAULT_ALLOCATION, DEFAULT_DAMP, DEFAULT_REFIT_PRIOR, DEFAULT_SELECTION
 
 log = logging.getLogger("fasp_edge")
 
@@ -72,13 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="fasp", help="fasp (default), wanda-sp or magnitude")
     p.add_argument("--targets", default="mlp,attn", help="pairs to prune: mlp, attn or mlp,attn (default)")
     p.add_argument("--align", type=int, default=1, help="round kept widths to a multiple of N (power of two)")
-    p.add_argument("--damp", type=_damp, default="auto",
+    p.add_argument("--damp", type=_damp, default=DEFAULT_DAMP,
                    help="damping λ of the restoration: 'auto' (default) chooses it per pair on every 4th calibration "
                    "window, held out of the fit; or a number, relative to the mean diagonal of the kept Gram block")
-    p.add_argument("--refit-prior", default="original", choices=("original", "zero"),
+    p.add_argument("--refit-prior", default=DEFAULT_REFIT_PRIOR, choices=("original", "zero"),
                    help="what the damping pulls the refit weights toward: the original kept weights (default; a large "
                    "λ then gives wanda-sp) or zero (ridge)")
-    p.add_argument("--selection", default="auto", choices=("auto", "score", "obs"),
+    p.add_argument("--selection", default=DEFAULT_SELECTION, choices=("auto", "score", "obs"),
                    help="which channels are removed: obs, greedily the one whose removal leaves the least output error "
                    "after the refit (OBS, from the inverse Gram); score, by the Wanda-style column score; auto "
                    "(default): obs for fasp, score for the other methods. fasp-edge's refit before these defaults: "

@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import InvalidArgument
 from .allocation import RULES as ALLOCATION_RULES
-from .fasp import REFIT_PRIORS, SELECTIONS
+from .fasp import HOLDOUT_EVERY, REFIT_PRIORS, SELECTIONS
 from .tasks import TASKS
 
 DEFAULT_NAME = "run.toml"
@@ -296,9 +296,10 @@ def _check(data: dict, origin) -> None:
     if pr["selection"] == "obs" and pr["method"] != "fasp":
         raise ConfigError(f"{origin('prune.selection', 'prune.method')}: prune.selection \"obs\" chooses channels by "
                           f"the error left after FASP's refit; it needs prune.method \"fasp\", not {pr['method']!r}")
-    if pr["damp"] == "auto" and pr["method"] == "fasp" and cal["nsamples"] < 4:
-        raise ConfigError(f"{origin('prune.damp', 'calibration.nsamples')}: prune.damp \"auto\" holds every 4th "
-                          f"calibration window out to choose λ: set calibration.nsamples to at least 4 (it is "
+    if pr["damp"] == "auto" and pr["method"] == "fasp" and cal["nsamples"] < HOLDOUT_EVERY:
+        raise ConfigError(f"{origin('prune.damp', 'calibration.nsamples')}: prune.damp \"auto\" holds every "
+                          f"{HOLDOUT_EVERY}th calibration window out to choose λ: set calibration.nsamples to at "
+                          f"least {HOLDOUT_EVERY} (it is "
                           f"{cal['nsamples']}) or give prune.damp a number")
     if not pr["sparsities"] and not pr["param_reductions"]:
         raise ConfigError(f"{origin('prune.sparsities', 'prune.param_reductions')}: name at least one model to prune: "

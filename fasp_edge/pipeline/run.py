@@ -39,7 +39,7 @@ from ..fsutil import atomic_write_text, sha256_file, state_dict_sha256
 from ..procutil import die_with_parent_fn
 from .calibration import SELF_SAMPLER
 from .config import ARTIFACTS, STAGES, RunConfig, model_label
-from .fasp import DEFAULT_ALLOCATION
+from .fasp import DEFAULT_ALLOCATION, DEFAULT_REFIT_PRIOR, DEFAULT_SELECTION
 from .stages import StageResult, fingerprint, run_stage, sweep_temporaries
 
 log = logging.getLogger("fasp_edge")
@@ -312,9 +312,9 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
 def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, targets: list[str], align: int,
                      damp: float | str, device: str, calibration: torch.Tensor | None,
                      calibration_description: dict | None, overwrite: bool = True, progress: bool = True,
-                     load_seconds: float | None = None, refit_prior: str = "original", sequential: bool = False,
-                     param_reduction: float | None = None, allocation: str = DEFAULT_ALLOCATION,
-                     selection: str = "auto") -> dict:
+                     load_seconds: float | None = None, refit_prior: str = DEFAULT_REFIT_PRIOR,
+                     sequential: bool = False, param_reduction: float | None = None,
+                     allocation: str = DEFAULT_ALLOCATION, selection: str = DEFAULT_SELECTION) -> dict:
     """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``."""
     from ..models.loading import sentencepiece_file
     from .checkpoint import fasp_section, save_pruned

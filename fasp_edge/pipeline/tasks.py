@@ -156,6 +156,14 @@ def _continuation_score(logprobs: torch.Tensor, continuation: list[int]) -> tupl
     return ll, bool((logprobs.argmax(-1) == target).all())
 
 
+def _right_padded(rows: list[list[int]]) -> torch.Tensor:
+    """``rows`` of token ids in one LongTensor batch, zero-padded on the right (causal attention never reads it)."""
+    batch = torch.zeros(len(rows), max(len(r) for r in rows), dtype=torch.long)
+    for i, r in enumerate(rows):
+        batch[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return batch
+
+
 class TorchScorer:
     """A PyTorch causal LM: the context once, its KV cache then shared by all continuations in one right-padded batch
     (the same log-likelihoods as lm-eval's HFLM, which runs context + continuation whole for every choice, within
@@ -177,26 +185,19 @@ class TorchScorer:
         out = self.model(torch.tensor([context], device=self.device), use_cache=True)
         first = torch.log_softmax(out.logits[0, -1].float().cpu(), -1)  # predicts every continuation's first token
         rest = [c[:-1] for c in continuations]  # what is fed after the context
-        width = max(len(r) for r in rest)
-        if width == 0:  # one-token continuations (BoolQ's " yes" / " no"): the context's last row is all
+        if not any(rest):  # one-token continuations (BoolQ's " yes" / " no"): the context's last row is all
             return [_continuation_score(first[None], c) for c in continuations]
         cache = out.past_key_values
         cache.batch_repeat_interleave(len(rest))
-        batch = torch.zeros(len(rest), width, dtype=torch.long)
-        for i, r in enumerate(rest):
-            batch[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        logits = self.model(batch.to(self.device), past_key_values=cache, use_cache=True).logits.float().cpu()
+        logits = self.model(_right_padded(rest).to(self.device), past_key_values=cache,
+                            use_cache=True).logits.float().cpu()
         return [_continuation_score(torch.cat([first[None], torch.log_softmax(logits[i, : len(c) - 1], -1)]), c)
                 for i, c in enumerate(continuations)]
 
     @torch.no_grad()
     def _score_whole(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
         rows = [(context + c)[-(self.max_length + 1):][:-1] for c in continuations]
-        width = max(len(r) for r in rows)
-        batch = torch.zeros(len(rows), width, dtype=torch.long)
-        for i, r in enumerate(rows):
-            batch[i, : len(r)] = torch.tensor(r)
-        logits = self.model(batch.to(self.device), use_cache=False).logits.float().cpu()
+        logits = self.model(_right_padded(rows).to(self.device), use_cache=False).logits.float().cpu()
         out = []
         for i, (r, c) in enumerate(zip(rows, continuations)):
             out.append(_continuation_score(torch.log_softmax(logits[i, len(r) - len(c) : len(r)], -1), c))
