@@ -26,6 +26,16 @@ Two measurements, each written to ``benchmarks/results/`` as JSON and Markdown:
 
     .venv/bin/python benchmarks/tasks.py grid                      # 7 models x 2 backends: many hours on 2 cores
     .venv/bin/python benchmarks/tasks.py grid --reductions 0.16 --limit 50 --name tasks-grid-quick
+
+              On 2 cores, two grids over different ``--variants`` at ``--threads 1`` finish sooner than one
+              at 2 threads (a 135M model's steps scale poorly with threads. PIQA on the FASP-0.08 model: one
+              2-thread PyTorch row alone, 4.4 choices/s; one 1-thread row beside a 1-thread prune, 5-6 choices/s,
+              of which 1.10x is the context pass's shorter LM head); each writes its own ``--name``, and
+              ``grid`` without them then reuses every row and writes the whole table (``--measured`` writes it
+              from the rows there are, running none):
+
+    .venv/bin/python benchmarks/tasks.py grid --variants fasp --threads 1 --name tasks-grid-fasp &
+    .venv/bin/python benchmarks/tasks.py grid --variants wanda-sp --threads 1 --name tasks-grid-wanda-sp
 """
 
 from __future__ import annotations
@@ -216,7 +226,7 @@ def _grid_row(model: str, backend: str, args, work: Path, max_context: int) -> d
         from fasp_edge.runtime_bench.engines import open_engine
 
         bundle = load_bundle(_grid_bundle(model, ckpt, work, max_context, args.model))
-        engine = open_engine("pte", bundle=bundle)
+        engine = open_engine("pte", bundle=bundle, threads=args.threads)
         art = bundle.manifest["artifacts"]["pte"]
         files = [art["file"]] + ([art["data_file"]] if art.get("data_file") else [])
         t0 = time.perf_counter()  # scoring only: the export's own time is in its manifest
@@ -227,7 +237,8 @@ def _grid_row(model: str, backend: str, args, work: Path, max_context: int) -> d
                     "artifact_bytes": sum(bundle.manifest["files"][f]["bytes"] for f in files),
                     "export_seconds": art.get("export_seconds"),
                     "artifact_quality": art.get("quality")})
-    row.update({"seconds": round(time.perf_counter() - t0, 1), "tasks": res["tasks"], "choices": res["choices"],
+    row.update({"seconds": round(time.perf_counter() - t0, 1), "threads": args.threads, "tasks": res["tasks"],
+                "choices": res["choices"],
                 "doc_ids": res["doc_ids"], "limit": args.limit, "seed": args.seed, "versions": res["versions"]})
     return row
 
@@ -311,10 +322,14 @@ def grid(args) -> None:
             if set(rows[(m, b)]["tasks"]) >= set(names):
                 print(f"[{i}/{len(todo)}] {m} {b}: reused from {done}", file=sys.stderr, flush=True)
                 continue
+            del rows[(m, b)]
+        if args.measured:
+            print(f"[{i}/{len(todo)}] {m} {b}: not measured yet (--measured runs nothing)", file=sys.stderr, flush=True)
+            continue
         print(f"[{i}/{len(todo)}] {m} {b} ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "grid-row", json.dumps(
             {"model": m, "backend": b, "source": args.model, "tasks": ",".join(names), "limit": args.limit, "seed": args.seed,
-             "work": str(work), "max_context": max_context, "out": str(done)})])
+             "work": str(work), "max_context": max_context, "out": str(done), "threads": args.threads})])
         if proc.returncode != 0:
             sys.exit(f"tasks.py: {m} {b} failed (exit {proc.returncode}); its output is above")
         rows[(m, b)] = json.loads(done.read_text())
@@ -322,7 +337,7 @@ def grid(args) -> None:
               f"in {rows[(m, b)]['seconds']:.0f} s", file=sys.stderr, flush=True)
         _grid_write(name, rows, models, backends, names, args, max_context, longest)  # a stopped grid shows its rows
         computed = True
-    if not computed:
+    if not computed:  # everything reused (or --measured): the table of what is there
         _grid_write(name, rows, models, backends, names, args, max_context, longest)
 
 
@@ -337,7 +352,12 @@ def _grid_write(name, rows, models, backends, names, args, max_context, longest)
 def grid_row(spec: str) -> None:
     """One grid step in its own process (the model, the export and the runtime freed when it ends)."""
     cfg = json.loads(spec)
-    args = argparse.Namespace(tasks=cfg["tasks"], limit=cfg["limit"], seed=cfg["seed"], model=cfg["source"])
+    args = argparse.Namespace(tasks=cfg["tasks"], limit=cfg["limit"], seed=cfg["seed"], model=cfg["source"],
+                              threads=cfg.get("threads"))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     row = _grid_row(cfg["model"], cfg["backend"], args, Path(cfg["work"]), cfg["max_context"])
     _save_json(Path(cfg["out"]), row)
 
@@ -361,8 +381,13 @@ def main() -> int:
     g.add_argument("--model", default=None, help="the dense model (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--work", default=str(REPO / "out" / "tasks-grid"), help="finished steps, reused (one folder per "
                    "--model)")
+    g.add_argument("--threads", type=int, default=None, help="threads of each step (torch and the ExecuTorch pool; "
+                   "default: the libraries' own). Two grids over different --variants at --threads 1 share 2 cores "
+                   "better than one at 2")
     g.add_argument("--max-context", type=int, default=None, help="the artifacts' context (default: the longest "
                    "request of the tasks' subsets, rounded up to 64)")
+    g.add_argument("--measured", action="store_true", help="tabulate the rows already in --work, run none (the "
+                   "rest marked as to come)")
     r = sub.add_parser("grid-row")
     r.add_argument("spec")
     for p in (a, b, g):

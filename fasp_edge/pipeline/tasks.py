@@ -20,6 +20,7 @@ bundle and the checkpoint it came from are scored on identical requests.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
 import functools
@@ -167,7 +168,9 @@ def _right_padded(rows: list[list[int]]) -> torch.Tensor:
 class TorchScorer:
     """A PyTorch causal LM: the context once, its KV cache then shared by all continuations in one right-padded batch
     (the same log-likelihoods as lm-eval's HFLM, which runs context + continuation whole for every choice, within
-    float rounding: 1.3x faster over BoolQ, HellaSwag, ARC-Easy and PIQA, measured against that form); a request
+    float rounding: 1.3x faster over BoolQ, HellaSwag, ARC-Easy and PIQA, measured against that form). The context
+    pass computes the LM head for its last position only where the model takes ``logits_to_keep`` (LLaMA-like
+    models: 1.10x over 30 documents of each of the seven tasks, 1 thread, |Δ loglik| at most 3e-5). A request
     longer than the model's positions takes HFLM's form, the context cut from the left."""
 
     def __init__(self, model: torch.nn.Module, device: str | torch.device = "cpu", max_length: int | None = None):
@@ -177,12 +180,16 @@ class TorchScorer:
         self.max_length = max_length or getattr(cfg, "max_position_embeddings", None) or 2048
         self.what = "torch"
         self.fixed_context = False
+        # the context pass needs its last row only: where the model can, skip the LM head over the others
+        forward = getattr(model, "forward", None)
+        self._last_only = ({"logits_to_keep": 1} if forward is not None
+                           and "logits_to_keep" in inspect.signature(forward).parameters else {})
 
     @torch.no_grad()
     def score(self, context: list[int], continuations: list[list[int]]) -> list[tuple[float, bool]]:
         if len(context) + max(len(c) for c in continuations) - 1 > self.max_length:
             return self._score_whole(context, continuations)
-        out = self.model(torch.tensor([context], device=self.device), use_cache=True)
+        out = self.model(torch.tensor([context], device=self.device), use_cache=True, **self._last_only)
         first = torch.log_softmax(out.logits[0, -1].float().cpu(), -1)  # predicts every continuation's first token
         rest = [c[:-1] for c in continuations]  # what is fed after the context
         if not any(rest):  # one-token continuations (BoolQ's " yes" / " no"): the context's last row is all
