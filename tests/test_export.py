@@ -352,10 +352,27 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     import fasp_edge.export.bundle as bundle_mod
 
     monkeypatch.setattr(bundle_mod, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(bundle_mod, "PARITY_RELATIVE", -1.0)
     loaded = LoadedModel(MODEL_BUILDERS["opt"](), _ByteTok(), "random-opt")
     with pytest.raises(ExportVerificationError, match="nothing was written|please report"):
         export_bundle(loaded, tmp_path / "b", formats=["onnx"], max_context=100, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_decoder_and_artifact_parity_follow_one_rule(tmp_path, monkeypatch):
+    """The export decoder's check and the artifact's accept the same thing: no absolute bound at all, a relative one
+    of the largest logit (a pruned SmolLM2 once failed the decoder's absolute 1e-4 at 1.14e-4 with logits of 33.6,
+    well inside the artifact's relative bound)."""
+    import fasp_edge.export.bundle as bundle_mod
+
+    monkeypatch.setattr(bundle_mod, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(bundle_mod, "PARITY_RELATIVE", 0.5)
+    loaded = LoadedModel(MODEL_BUILDERS["opt"](), _ByteTok(), "random-opt")
+    bundle = export_bundle(loaded, tmp_path / "b", formats=["onnx"], max_context=100, progress=False)
+    parity = bundle.manifest["parity"]
+    dec, art = parity["decoder_vs_transformers"], parity["onnx"]
+    for p in (dec, art):
+        assert p["max_abs_diff"] <= p["tolerance"] == pytest.approx(0.5 * p["max_abs_logit"])
 
 
 class _ByteTok:

@@ -515,7 +515,8 @@ def check_export_parity(model: nn.Module, decoder: ExportDecoder, prompt: torch.
     prefill = diff(got[0], ref_logits[0])
     decode = max((diff(g, r) for g, r in zip(got[1:], ref_logits[1:])), default=0.0)
     return {"prefill_tokens": prompt.shape[1], "decode_steps": steps, "prefill_max_abs_diff": prefill,
-            "decode_max_abs_diff": decode, "max_abs_diff": max(prefill, decode)}
+            "decode_max_abs_diff": decode, "max_abs_diff": max(prefill, decode),
+            "max_abs_logit": max(r.abs().max().item() for r in ref_logits)}
 
 
 def run_decoder(decoder: ExportDecoder, seq: torch.Tensor, prefill: int) -> list[torch.Tensor]:
