@@ -249,6 +249,7 @@ def grid_markdown(rows: dict[tuple[str, str], dict], models: list[str], backends
              "winogrande": "WinoG.", "boolq": "BoolQ", "openbookqa": "OBQA"}
     head = [short.get(n, n) + (" (norm)" if GRID_METRIC.get(n) == "acc_norm" else "") for n in names]
     any_row = next(iter(rows.values()), None)
+    boolq = int("boolq" in names and len(names) > 1)
     docs = ", ".join(f"{short.get(n, n)} {any_row['tasks'][n]['documents']}" for n in names) if any_row else ""
     lines = [
         f"{args.model_name} and its prunes to a fraction R of all parameters (`--param-reduction"
@@ -259,14 +260,15 @@ def grid_markdown(rows: dict[tuple[str, str], dict], models: list[str], backends
         "fp32 PyTorch model picks; `ppl x` the artifact's WikiText-2 test perplexity over its PyTorch model's "
         f"(manifest, 2 windows). `{args.command}`",
         "",
-        "| model | removed | backend | " + " | ".join(head) + " | mean | same | ppl x | MB |",
-        "|---|---|---|" + "---|" * len(names) + "---|---|---|---|",
+        "| model | removed | backend | " + " | ".join(head) + " | mean |" + (" mean w/o BoolQ |" if boolq else "")
+        + " same | ppl x | MB |",
+        "|---|---|---|" + "---|" * len(names) + "---|" * (4 + boolq),
     ]
     for m in models:
         for b in backends:
             r = rows.get((m, b))
             if r is None:
-                lines.append(f"| {m} | | {b} | " + " | ".join("…" for _ in names) + " | (to come) | | | |")
+                lines.append(f"| {m} | | {b} | " + " | ".join("…" for _ in names) + " | (to come) |" + " |" * (3 + boolq))
                 continue
             acc = [r["tasks"][n][GRID_METRIC.get(n, "acc")] for n in names]
             same = ppl = size = ""
@@ -279,8 +281,16 @@ def grid_markdown(rows: dict[tuple[str, str], dict], models: list[str], backends
                 if q.get("perplexity_ratio"):
                     ppl = f"{q['perplexity_ratio']:.3f}"
                 size = f"{r['artifact_bytes'] / 1e6:.1f}"
+            rest = [a for n, a in zip(names, acc) if n != "boolq"]
             lines.append(f"| {m} | {100 * r['param_reduction']:.1f}% | {b} | " + " | ".join(f"{a:.3f}" for a in acc)
-                         + f" | {sum(acc) / len(acc):.3f} | {same} | {ppl} | {size} |")
+                         + f" | {sum(acc) / len(acc):.3f} |" + (f" {sum(rest) / len(rest):.3f} |" if boolq else "")
+                         + f" {same} | {ppl} | {size} |")
+    if boolq and rows:
+        yes = {k: sum(r["choices"]["boolq"]) / len(r["choices"]["boolq"]) for k, r in rows.items()}  # choice 1: "yes"
+        lines += ["", "BoolQ's gold answer is \"yes\" on 62.2% of its 3270 validation documents, and a model this "
+                  "small answers almost all of them alike: \"yes\" on "
+                  + ", ".join(f"{100 * v:.1f}% ({m}, {b})" for (m, b), v in yes.items())
+                  + ". Its accuracy there measures that bias, so `mean w/o BoolQ` is the mean of the other six."]
     lines += ["", "Standard errors, acc and acc_norm of every task: the JSON file of the same name."]
     return "\n".join(lines)
 
