@@ -327,12 +327,11 @@ def grid(args) -> None:
     computed = False
     for i, (m, b) in enumerate(todo, 1):
         done = work / "rows" / f"{m}-{b}-limit{args.limit}-seed{args.seed}.json"
-        if done.exists():
-            rows[(m, b)] = json.loads(done.read_text())
-            if set(rows[(m, b)]["tasks"]) >= set(names):
-                print(f"[{i}/{len(todo)}] {m} {b}: reused from {done}", file=sys.stderr, flush=True)
-                continue
-            del rows[(m, b)]
+        kept = json.loads(done.read_text()) if done.exists() else None
+        if kept is not None and set(kept["tasks"]) >= set(names):  # a row missing tasks is measured again
+            rows[(m, b)] = kept
+            print(f"[{i}/{len(todo)}] {m} {b}: reused from {done}", file=sys.stderr, flush=True)
+            continue
         if args.measured:
             print(f"[{i}/{len(todo)}] {m} {b}: not measured yet (--measured runs nothing)", file=sys.stderr, flush=True)
             continue
