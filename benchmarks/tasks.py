@@ -22,7 +22,9 @@ Two measurements, each written to ``benchmarks/results/`` as JSON and Markdown:
               seeded subset), as fp32 PyTorch models and through their ``pte-8da4w`` artifacts. Every step
               (checkpoint, PyTorch scores, bundle, artifact scores) lands in ``--work`` as it finishes and is
               reused when the command runs again, so a stopped grid resumes; the results files are rewritten
-              after every step, with the rows still to come marked as such:
+              after every step, with the rows still to come marked as such. A second table pairs results on the
+              same documents (acc, each model against the dense one, each artifact against its fp32 model, FASP
+              against wanda-sp; standard errors 0.005-0.008 at R = 0.08, against 0.02 for one task alone):
 
     .venv/bin/python benchmarks/tasks.py grid                      # 7 models x 2 backends: many hours on 2 cores
     .venv/bin/python benchmarks/tasks.py grid --reductions 0.16 --limit 50 --name tasks-grid-quick
@@ -295,6 +297,64 @@ def grid_markdown(rows: dict[tuple[str, str], dict], models: list[str], backends
     return "\n".join(lines)
 
 
+def _paired(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same documents and its standard error (sample s.d. of the differences / sqrt(n))."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    mean = sum(d) / len(d)
+    return mean, (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
+
+
+def grid_paired(rows: dict[tuple[str, str], dict], models: list[str], backends: list[str], names: list[str],
+                golds: dict[str, list[int]], variants: list[str]) -> tuple[list[dict], list[str]]:
+    """Differences in accuracy document by document: every row against the dense model on the same backend, an
+    artifact against its own fp32 PyTorch model, and the first variant against the second at the same R.
+
+    ``acc`` (lm-eval's, per document ``choice == gold``) over all documents of the tasks other than BoolQ, pooled:
+    the rows keep each document's choice, not its log-likelihoods, so acc_norm cannot be paired. Two results on the
+    same documents differ by far less noise than each has alone (a task's 0.02 standard error), so a difference of
+    a point can be told from chance. Returns the JSON entries and the Markdown lines."""
+    pooled = [n for n in names if n != "boolq"] or names
+
+    def correct(r):
+        out = []
+        for n in pooled:
+            if r["doc_ids"][n] != rows[next(iter(rows))]["doc_ids"][n]:
+                raise ValueError(f"{r['model']} {r['backend']}: other {n} documents than the first row")
+            out += [int(c == g) for c, g in zip(r["choices"][n], golds[n], strict=True)]
+        return out
+
+    def cell(key, against):
+        if key not in rows or against not in rows or key == against:
+            return "", None
+        d, se = _paired(correct(rows[key]), correct(rows[against]))
+        entries.append({"model": key[0], "backend": key[1], "against": list(against), "delta_acc": round(d, 5),
+                        "stderr": round(se, 5)})
+        return f"{d:+.3f} ± {se:.3f}" + (" *" if abs(d) > 2 * se else ""), d
+
+    entries: list[dict] = []
+    docs = sum(len(golds[n]) for n in pooled)
+    other = variants[1] if len(variants) > 1 else None
+    short = {"pte-8da4w": "pte"}
+    head = (["acc", "Δ vs dense"] + (["Δ vs its fp32 model"] if len(backends) > 1 else [])
+            + ([f"Δ vs {other}"] if other else []))
+    lines = ["", f"Paired differences of acc ({', '.join(pooled)}: {docs} documents pooled; a model against another on "
+             "the same documents, ± the standard error of the mean difference; * beyond 2 standard errors):", "",
+             "| model | backend | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+    for m in models:
+        for b in backends:
+            if (m, b) not in rows:
+                continue
+            own = correct(rows[(m, b)])
+            cells = [f"{sum(own) / len(own):.3f}", cell((m, b), ("dense", b))[0]]
+            if len(backends) > 1:
+                cells.append(cell((m, b), (m, backends[0]))[0])
+            if other:
+                v, _, r = m.rpartition("-r")
+                cells.append(cell((m, b), (f"{other}-r{r}", b))[0] if v == variants[0] else "")
+            lines.append(f"| {m} | {short.get(b, b)} | " + " | ".join(cells) + " |")
+    return entries, lines
+
+
 def grid(args) -> None:
     from fasp_edge.models.loading import DEFAULT_MODEL_NAME, load_model
     from fasp_edge.pipeline.tasks import check_limit, longest_requests, parse_tasks
@@ -351,10 +411,17 @@ def grid(args) -> None:
 
 
 def _grid_write(name, rows, models, backends, names, args, max_context, longest) -> None:
+    from fasp_edge.pipeline.tasks import gold_choices
+
     md = grid_markdown(rows, models, backends, names, args, max_context)
+    paired = []
+    if rows:
+        golds = gold_choices(names, next(iter(rows.values()))["doc_ids"])
+        paired, lines = grid_paired(rows, models, backends, names, golds, [v for v in args.variants.split(",") if v])
+        md += "\n" + "\n".join(lines)
     doc = {"command": args.command, "limit": args.limit, "seed": args.seed, "align": GRID_ALIGN,
            "max_context": max_context, "longest_request": longest, "metric_shown": GRID_METRIC,
-           "rows": list(rows.values())}
+           "paired_acc": paired, "rows": list(rows.values())}
     _write(name, doc, md)
 
 

@@ -10,7 +10,8 @@ import torch
 
 from fasp_edge.cli import main
 from fasp_edge.pipeline import tasks as tasks_mod
-from fasp_edge.pipeline.tasks import TASKS, StepScorer, TorchScorer, evaluate_tasks, load_tasks, subset
+from fasp_edge.pipeline.tasks import (TASKS, StepScorer, TorchScorer, evaluate_tasks, gold_choices, load_tasks,
+                                      subset)
 
 from .conftest import MODEL_BUILDERS, STORIES, requires_shared
 from .test_cli import assert_one_line_error, run_cli
@@ -112,6 +113,19 @@ def test_every_task_runs_with_its_own_metrics(all_tasks_torch):
         assert ("acc_norm" in res) == (name not in ("winogrande", "boolq"))  # lm-eval defines acc only there
         assert len(all_tasks_torch["choices"][name]) == 3
     assert all_tasks_torch["tasks"]["hellaswag"]["of"] == 10042 and all_tasks_torch["tasks"]["piqa"]["of"] == 1838
+
+
+@needs_stories
+def test_gold_choices_give_lm_evals_acc_document_by_document(all_tasks_torch):
+    """What a paired comparison of two results rests on: ``choice == gold`` per document averages to lm-eval's acc,
+    on every task (WinoGrande's gold is a context, the others' a target)."""
+    gold = gold_choices(list(TASKS), all_tasks_torch["doc_ids"])
+    for name, res in all_tasks_torch["tasks"].items():
+        picked = all_tasks_torch["choices"][name]
+        assert len(gold[name]) == len(picked) == 3
+        assert res["acc"] == pytest.approx(sum(c == g for c, g in zip(picked, gold[name])) / 3), name
+    assert gold_choices(["boolq"], {"boolq": [0, 1, 2]})["boolq"] == [
+        int(d["answer"]) for d in (load_tasks(["boolq"])["boolq"].eval_docs[i] for i in range(3))]
 
 
 def test_every_document_has_a_gold_choice_among_its_choices():

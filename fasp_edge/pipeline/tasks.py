@@ -341,6 +341,26 @@ def subset(total: int, limit: int | None, seed: int) -> list[int] | None:
     return sorted(random.Random(seed).sample(range(total), limit))
 
 
+def gold_choices(names: list[str], doc_ids: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Per task, the gold choice of each document in ``doc_ids[task]`` (indices of the validation split, as
+    :func:`evaluate_tasks` returns them), by lm-eval's own rule: a task with one context per choice (WinoGrande)
+    names its gold by the context, the others by the target, an index or the text of a choice. ``choice == gold``
+    per document is lm-eval's ``acc`` of that document, so two results on the same documents can be compared
+    document by document (a paired difference)."""
+    tasks = load_tasks(names)
+    out = {}
+    for name in names:
+        task, golds = tasks[name], []
+        docs = task.eval_docs
+        for i in doc_ids[name]:
+            gold = task.doc_to_text(docs[i]) if task.multiple_input else task.doc_to_target(docs[i])
+            if isinstance(gold, str):
+                gold = task.doc_to_choice(docs[i]).index(gold)
+            golds.append(int(gold))
+        out[name] = golds
+    return out
+
+
 def evaluate_tasks(scorer: Scorer, tokenizer, names: list[str], *, limit: int | None = None, seed: int = 0,
                    progress: bool = True) -> dict:
     """Zero-shot accuracy of ``scorer`` on ``names``; ``limit`` documents per task (a subset drawn with ``seed``).
