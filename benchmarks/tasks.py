@@ -301,6 +301,8 @@ def _paired(a: list[int], b: list[int]) -> tuple[float, float]:
     """Mean of ``a - b`` over the same documents and its standard error (sample s.d. of the differences / sqrt(n))."""
     d = [x - y for x, y in zip(a, b, strict=True)]
     mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, float("nan")
     return mean, (sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d)) ** 0.5
 
 
@@ -325,11 +327,11 @@ def grid_paired(rows: dict[tuple[str, str], dict], models: list[str], backends: 
 
     def cell(key, against):
         if key not in rows or against not in rows or key == against:
-            return "", None
+            return ""
         d, se = _paired(correct(rows[key]), correct(rows[against]))
         entries.append({"model": key[0], "backend": key[1], "against": list(against), "delta_acc": round(d, 5),
                         "stderr": round(se, 5)})
-        return f"{d:+.3f} ± {se:.3f}" + (" *" if abs(d) > 2 * se else ""), d
+        return f"{d:+.3f} ± {se:.3f}" + (" *" if abs(d) > 2 * se else "")
 
     entries: list[dict] = []
     docs = sum(len(golds[n]) for n in pooled)
@@ -345,12 +347,12 @@ def grid_paired(rows: dict[tuple[str, str], dict], models: list[str], backends: 
             if (m, b) not in rows:
                 continue
             own = correct(rows[(m, b)])
-            cells = [f"{sum(own) / len(own):.3f}", cell((m, b), ("dense", b))[0]]
+            cells = [f"{sum(own) / len(own):.3f}", cell((m, b), ("dense", b))]
             if len(backends) > 1:
-                cells.append(cell((m, b), (m, backends[0]))[0])
+                cells.append(cell((m, b), (m, backends[0])))
             if other:
                 v, _, r = m.rpartition("-r")
-                cells.append(cell((m, b), (f"{other}-r{r}", b))[0] if v == variants[0] else "")
+                cells.append(cell((m, b), (f"{other}-r{r}", b)) if v == variants[0] else "")
             lines.append(f"| {m} | {short.get(b, b)} | " + " | ".join(cells) + " |")
     return entries, lines
 
