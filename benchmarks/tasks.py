@@ -316,24 +316,23 @@ def grid_paired(rows: dict[tuple[str, str], dict], models: list[str], backends: 
     same documents differ by far less noise than each has alone (a task's 0.02 standard error), so a difference of
     a point can be told from chance. Returns the JSON entries and the Markdown lines."""
     pooled = [n for n in names if n != "boolq"] or names
-
-    def correct(r):
-        out = []
-        for n in pooled:
-            if r["doc_ids"][n] != rows[next(iter(rows))]["doc_ids"][n]:
-                raise ValueError(f"{r['model']} {r['backend']}: other {n} documents than the first row")
-            out += [int(c == g) for c, g in zip(r["choices"][n], golds[n], strict=True)]
-        return out
+    first = next(iter(rows.values()))
+    hits: dict[tuple[str, str], list[int]] = {}  # per row, 1 where a document's choice is its gold, in pooled order
+    for key, r in rows.items():
+        bad = [n for n in pooled if r["doc_ids"][n] != first["doc_ids"][n]]
+        if bad:
+            raise ValueError(f"{key[0]} {key[1]}: other {bad[0]} documents than {first['model']} {first['backend']}")
+        hits[key] = [int(c == g) for n in pooled for c, g in zip(r["choices"][n], golds[n], strict=True)]
+    entries: list[dict] = []
 
     def cell(key, against):
         if key not in rows or against not in rows or key == against:
             return ""
-        d, se = _paired(correct(rows[key]), correct(rows[against]))
+        d, se = _paired(hits[key], hits[against])
         entries.append({"model": key[0], "backend": key[1], "against": list(against), "delta_acc": round(d, 5),
                         "stderr": round(se, 5)})
         return f"{d:+.3f} ± {se:.3f}" + (" *" if abs(d) > 2 * se else "")
 
-    entries: list[dict] = []
     docs = sum(len(golds[n]) for n in pooled)
     other = variants[1] if len(variants) > 1 else None
     short = {"pte-8da4w": "pte"}
@@ -346,7 +345,7 @@ def grid_paired(rows: dict[tuple[str, str], dict], models: list[str], backends: 
         for b in backends:
             if (m, b) not in rows:
                 continue
-            own = correct(rows[(m, b)])
+            own = hits[(m, b)]
             cells = [f"{sum(own) / len(own):.3f}", cell((m, b), ("dense", b))]
             if len(backends) > 1:
                 cells.append(cell((m, b), (m, backends[0])))
@@ -387,6 +386,7 @@ def grid(args) -> None:
     todo = [(m, b) for m in models for b in backends]
     name = args.name or "tasks-grid"
     computed = False
+    golds: dict[str, list[int]] = {}  # each document's gold choice, read once for every write of the tables
     for i, (m, b) in enumerate(todo, 1):
         done = work / "rows" / f"{m}-{b}-limit{args.limit}-seed{args.seed}.json"
         kept = json.loads(done.read_text()) if done.exists() else None
@@ -406,19 +406,21 @@ def grid(args) -> None:
         rows[(m, b)] = json.loads(done.read_text())
         print(f"  {m} {b}: mean acc {sum(rows[(m, b)]['tasks'][n]['acc'] for n in names) / len(names):.3f} "
               f"in {rows[(m, b)]['seconds']:.0f} s", file=sys.stderr, flush=True)
-        _grid_write(name, rows, models, backends, names, args, max_context, longest)  # a stopped grid shows its rows
+        _grid_write(name, rows, models, backends, names, args, max_context, longest, golds)  # a stopped grid shows its rows
         computed = True
     if not computed:  # everything reused (or --measured): the table of what is there
-        _grid_write(name, rows, models, backends, names, args, max_context, longest)
+        _grid_write(name, rows, models, backends, names, args, max_context, longest, golds)
 
 
-def _grid_write(name, rows, models, backends, names, args, max_context, longest) -> None:
+def _grid_write(name, rows, models, backends, names, args, max_context, longest, golds: dict) -> None:
+    """Both tables and the JSON; ``golds`` is filled from the task data on the first write with a row and reused."""
     from fasp_edge.pipeline.tasks import gold_choices
 
     md = grid_markdown(rows, models, backends, names, args, max_context)
     paired = []
     if rows:
-        golds = gold_choices(names, next(iter(rows.values()))["doc_ids"])
+        if not golds:
+            golds.update(gold_choices(names, next(iter(rows.values()))["doc_ids"]))
         paired, lines = grid_paired(rows, models, backends, names, golds, [v for v in args.variants.split(",") if v])
         md += "\n" + "\n".join(lines)
     doc = {"command": args.command, "limit": args.limit, "seed": args.seed, "align": GRID_ALIGN,

@@ -344,7 +344,7 @@ def subset(total: int, limit: int | None, seed: int) -> list[int] | None:
 def gold_choices(names: list[str], doc_ids: dict[str, list[int]]) -> dict[str, list[int]]:
     """Per task, the gold choice of each document in ``doc_ids[task]`` (indices of the validation split, as
     :func:`evaluate_tasks` returns them), by lm-eval's own rule: a task with one context per choice (WinoGrande)
-    names its gold by the context, the others by the target, an index or the text of a choice. ``choice == gold``
+    names its gold by the context, the others by the target's index. ``choice == gold``
     per document is lm-eval's ``acc`` of that document, so two results on the same documents can be compared
     document by document (a paired difference)."""
     tasks = load_tasks(names)
@@ -353,10 +353,7 @@ def gold_choices(names: list[str], doc_ids: dict[str, list[int]]) -> dict[str, l
         task, golds = tasks[name], []
         docs = task.eval_docs
         for i in doc_ids[name]:
-            gold = task.doc_to_text(docs[i]) if task.multiple_input else task.doc_to_target(docs[i])
-            if isinstance(gold, str):
-                gold = task.doc_to_choice(docs[i]).index(gold)
-            golds.append(int(gold))
+            golds.append(int(task.doc_to_text(docs[i]) if task.multiple_input else task.doc_to_target(docs[i])))
         out[name] = golds
     return out
 
