@@ -77,7 +77,7 @@ def make_control(dense: Path, out: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
 
-    from fasp_edge.models.loading import default_model_folder
+    from fasp_edge.checkpoints.loading import default_model_folder
 
     src = default_model_folder()
     cfg = AutoConfig.from_pretrained(src)
@@ -98,8 +98,8 @@ def time_rounds(folders: list[Path], rounds: int) -> dict[str, list[float]]:
     """ms per decode step of each bundle, one value per round, rounds interleaved in this process."""
     import torch
 
-    from fasp_edge.export.executorch import PteModel, set_threadpool_size
-    from fasp_edge.runtime_bench.engines import pte_data_path
+    from fasp_edge.runtime.executorch import PteModel, set_threadpool_size
+    from fasp_edge.runtime.bundle import pte_data_path
 
     set_threadpool_size(THREADS)
     models = {}

@@ -73,7 +73,7 @@ def _stage_timer(seconds: dict, calls: collections.Counter):
 
 def _lower(model, quant: str, mode: str) -> dict:
     from fasp_edge.export import executorch as et
-    from fasp_edge.export.decoder import ExportDecoder
+    from fasp_edge.models.decoder import ExportDecoder
     from fasp_edge.export.quantize import quantize_decoder
 
     decoder = ExportDecoder(model, max_context=512, cache="static").eval()

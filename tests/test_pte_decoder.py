@@ -7,8 +7,11 @@ import torch
 from torch import nn
 
 from fasp_edge import load_model, prune
-from fasp_edge.export.decoder import VALUE_PAD_MODES, ExportDecoder, check_export_parity, run_decoder
-from fasp_edge.export.executorch import PteModel, export_pte, runner_metadata
+from fasp_edge.export.executorch import export_pte, runner_metadata
+from fasp_edge.models.blocks import VALUE_PAD_MODES
+from fasp_edge.models.decoder import ExportDecoder, run_decoder
+from fasp_edge.runtime.executorch import PteModel
+from fasp_edge.runtime.parity import check_export_parity
 
 from .conftest import MODEL_BUILDERS, STORIES, random_windows, requires_shared
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from fasp_edge.errors import InvalidArgument
-from fasp_edge.export.decoder import ExportDecoder
+from fasp_edge.models.decoder import ExportDecoder
 from fasp_edge.export.quantize import (CALIBRATED_RECIPE, GroupSum, QuantizedEmbedding, Recipe, asymmetric_4bit,
                                       gptq_4bit, input_grams, linear_schemes, quantize_decoder, smooth,
                                       smoothing_pairs, to_group_offset)
@@ -144,7 +144,7 @@ def test_quantized_embedding_matches_its_runtime_kernel(bits):
     from executorch.exir import to_edge
     from executorch.runtime import Runtime
 
-    from fasp_edge.export.executorch import load_runtime_ops
+    from fasp_edge.runtime.executorch import load_runtime_ops
 
     load_runtime_ops()
     w = torch.randn(50, 64, generator=torch.Generator().manual_seed(0))
@@ -166,7 +166,8 @@ def test_tied_8bit_table_is_stored_once_in_the_ptd(tmp_path):
     """The 8-bit LM head and the 8-bit embedding read one integer table: model.ptd holds it once."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fasp_edge.export.executorch import PteModel, export_pte, runner_metadata
+    from fasp_edge.export.executorch import export_pte, runner_metadata
+    from fasp_edge.runtime.executorch import PteModel
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=8192, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,

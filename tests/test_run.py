@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fasp_edge.export.bundle import load_bundle
+from fasp_edge.runtime.bundle import load_bundle
 
 from .conftest import STORIES, TINYSTORIES, default_sigint, requires_shared
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from fasp_edge.cli import main
-from fasp_edge.pipeline.config import SCHEMA, ConfigError, default_text, defaults, load_config
+from fasp_edge.job.config import SCHEMA, ConfigError, default_text, defaults, load_config
 
 from .conftest import STORIES
 
@@ -171,13 +171,13 @@ def test_refit_settings_reach_the_config_and_are_checked_together():
 
 
 def test_tasks_are_off_by_default_and_a_too_long_request_stops_the_run_before_any_export():
-    from fasp_edge.pipeline.run import RunError, _check_tasks
+    from fasp_edge.job.run import RunError, _check_tasks
 
     assert load_config(None, [])["evaluate"]["tasks"] == []
     pytest.importorskip("lm_eval", reason="the eval extra is not installed")
     if not STORIES.exists():
         pytest.skip("shared stories260K data absent")
-    from fasp_edge.models.loading import load_tokenizer
+    from fasp_edge.checkpoints.loading import load_tokenizer
 
     tok = load_tokenizer(str(STORIES))
     cfg = load_config(None, ['evaluate.tasks=["winogrande", "boolq"]', "evaluate.task_limit=3", "export.max_context=128"])

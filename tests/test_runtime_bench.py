@@ -18,6 +18,7 @@ from fasp_edge.runtime_bench.harness import load_targets, optimum_target, run_be
 from fasp_edge.runtime_bench.measure import THREAD_ENV_VARS, plan_cpus, thread_env
 from fasp_edge.runtime_bench.profiles import Profile, ProfileError, builtin_profiles, load_profile_file, resolve_profiles
 from fasp_edge.runtime_bench.report import schema, validate, write_report
+from fasp_edge.versions import library_versions
 
 from .conftest import STORIES, requires_shared
 
@@ -115,7 +116,8 @@ def test_threads_are_applied_inside_the_child(stories_bundles, backend):
     assert res["status"] == "ok", res
     applied = res["applied"]
     assert applied["threads"] == 1 and applied["torch_threads"] == 1
-    assert applied["omp_num_threads_at_start"] == "1"  # set before torch loaded, not after
+    assert applied["thread_env_at_torch_load"] == {v: "1" for v in THREAD_ENV_VARS}  # set before torch loaded
+    assert applied["modules_before_profile"] == []
     assert not any("when torch loaded" in n for n in res["not_applied"])
     if hasattr(os, "sched_getaffinity"):
         assert applied["cpu_affinity"] == sorted(os.sched_getaffinity(0))[:1]
@@ -123,6 +125,24 @@ def test_threads_are_applied_inside_the_child(stories_bundles, backend):
         assert applied["executorch_threadpool"] == 1
     if backend == "onnx":
         assert (applied["ort_intra_op_threads"], applied["ort_inter_op_threads"], applied["ort_spinning"]) == (1, 1, False)
+
+
+@requires_shared(STORIES)
+def test_the_child_applies_its_profile_before_torch_loads(stories_bundles, monkeypatch):
+    """Started with no thread variable at all, the measuring child sets them itself before torch loads: nothing
+    heavy is imported before its profile is applied (``python -m`` runs both package ``__init__`` files first)."""
+    import fasp_edge.runtime_bench.harness as harness
+
+    for var in THREAD_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(harness, "thread_env", lambda *args: {})
+    target = load_targets([str(stories_bundles["dense"][0])])[0]
+    res = run_measurement(target, "torch", TINY, reps=1, warmup=0, torch_model=str(STORIES))
+    assert res["status"] == "ok", res
+    assert res["applied"]["modules_before_profile"] == []
+    assert res["applied"]["thread_env_at_torch_load"] == {v: "1" for v in THREAD_ENV_VARS}
+    assert res["applied"]["torch_threads"] == 1
+    assert not any("when torch loaded" in n for n in res["not_applied"])
 
 
 @requires_shared(STORIES)
@@ -162,7 +182,7 @@ def test_every_backend_gives_every_metric(bench_doc):
         assert r["memory"]["peak_rss_mb"] >= r["memory"]["model_rss_mb"] > 0 and r["artifact_bytes"] > 0
     host = doc["host"]
     assert host["cpu_model"] and host["arch"] and host["os"] and host["logical_cpus"] >= 1
-    assert host["versions"]["executorch"] == "1.4.1"
+    assert host["versions"] == library_versions()  # what is installed, from the one list manifests record too
 
 
 @requires_shared(STORIES)
@@ -229,7 +249,7 @@ def test_optimum_onnx_export_is_measured_as_the_reference(stories_bundles, tmp_p
     assert proc.returncode == 0, proc.stderr[-2000:]
     import torch
 
-    from fasp_edge.export.onnx import OnnxModel
+    from fasp_edge.runtime.onnx import OnnxModel
 
     ours = OnnxModel(stories_bundles["dense"][0] / "model.onnx")
     theirs = OnnxModel(out / "model.onnx")
@@ -311,7 +331,7 @@ def test_one_pytorch_model_gets_one_torch_row_however_its_bundles_name_it():
     profile, the other skipped; other weights get their own row."""
     from pathlib import Path
 
-    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime.bundle import Bundle
     from fasp_edge.runtime_bench.harness import Target, plan
 
     def target(label, source, sha):
@@ -328,7 +348,7 @@ def test_quantized_rows_are_compared_like_with_like():
     """A pruned 4-bit bundle is compared with the dense 4-bit one; the ratio to dense fp32 is kept apart."""
     from pathlib import Path
 
-    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime.bundle import Bundle
     from fasp_edge.runtime_bench.harness import Target, add_comparisons
 
     def target(label, pruned, quant):
@@ -361,7 +381,7 @@ def test_quantized_rows_are_compared_within_their_recipe():
     recipe, whichever comes first."""
     from pathlib import Path
 
-    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime.bundle import Bundle
     from fasp_edge.runtime_bench.harness import Target, add_comparisons
 
     def target(label, pruned, qparams):
@@ -388,7 +408,7 @@ def test_compared_rows_run_back_to_back_and_speedups_are_taken_round_by_round():
     between rounds does not move it."""
     from pathlib import Path
 
-    from fasp_edge.export.bundle import Bundle
+    from fasp_edge.runtime.bundle import Bundle
     from fasp_edge.runtime_bench.harness import Target, add_comparisons, merge_rounds, run_order
 
     def target(label, pruned, quant):

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from fasp_edge.pipeline.stages import fingerprint, read_record, run_stage
+from fasp_edge.job.stages import fingerprint, read_record, run_stage
 
 
 def _writer(calls: list):
@@ -62,7 +62,7 @@ def test_a_failing_stage_leaves_the_previous_output(tmp_path):
 CHILD = """
 import sys, time
 from pathlib import Path
-from fasp_edge.pipeline.stages import run_stage
+from fasp_edge.job.stages import run_stage
 def build(tmp):
     (tmp / "part.bin").write_bytes(b"x" * 1000)
     print("building", flush=True)
@@ -102,7 +102,7 @@ def test_an_incomplete_stage_is_shown_but_built_again(tmp_path):
 
 
 def test_force_takes_every_later_stage_along():
-    from fasp_edge.pipeline.run import forced_stages
+    from fasp_edge.job.run import forced_stages
 
     assert forced_stages(["prune"]) == {"prune", "evaluate", "export", "bench", "report"}
     assert forced_stages(["bench", "evaluate"]) == {"evaluate", "export", "bench", "report"}

@@ -150,8 +150,8 @@ def test_the_limit_subset_is_seeded():
 @pytest.mark.parametrize("name", ["dense", "fasp"])
 @pytest.mark.parametrize("backend", ["pte", "onnx"])
 def test_a_bundle_is_scored_through_its_artifact_with_the_checkpoints_choices(stories_bundles, name, backend):
-    from fasp_edge.export.bundle import load_bundle
-    from fasp_edge.runtime_bench.engines import open_engine
+    from fasp_edge.runtime.bundle import load_bundle
+    from fasp_edge.runtime.engines import open_engine
 
     folder, loaded = stories_bundles[name]
     bundle = load_bundle(folder)

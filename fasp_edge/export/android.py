@@ -12,13 +12,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from ..artifacts import FORMATS, KINDS
 from ..errors import InvalidArgument
-from .bundle import load_bundle
+from ..runtime.bundle import load_bundle
 
 APP_ID = "org.faspedge.demo"
 DEVICE_BUNDLES = f"/sdcard/Android/data/{APP_ID}/files/bundles"
-# what the app runs (android_demo/core Backend.kt): ExecuTorch .pte fp32 or 8da4w, ONNX fp32 or int8
-APP_ACCEPTS = {"pte": ("none", "8da4w"), "onnx": ("none", "int8")}
+# what the app runs (android_demo/core Backend.kt): format -> the quantizations it accepts
+APP_ACCEPTS = {f: tuple(k.quant for k in KINDS if k.format == f and k.android) for f in FORMATS}
 
 
 def push_commands(bundle_path: str | Path, *, name: str | None = None, serial: str | None = None) -> list[list[str]]:

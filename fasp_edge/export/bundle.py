@@ -1,11 +1,13 @@
-"""Artifact bundles: the contract between export, the benchmark and the Android app.
+"""Writing a bundle: every artifact of a model, verified, with its manifest (read by :mod:`fasp_edge.runtime.bundle`
+for ``generate``, ``eval`` and the benchmark, and by the Android app).
 
-A bundle folder holds ``manifest.json``, ``model.pte`` and/or ``model.onnx`` (+ ``model.onnx.data``), the
-Hugging Face ``tokenizer.json`` (+ config files) and, where the source has one, the SentencePiece
+A bundle folder holds ``manifest.json``, ``model.pte`` (+ ``model.ptd``) and/or ``model.onnx`` (+ ``model.onnx.data``),
+the Hugging Face ``tokenizer.json`` (+ config files) and, where the source has one, the SentencePiece
 ``tokenizer.model``. The manifest records every file's sha256 and size, per-layer dims, vocab, BOS/EOS,
-context length, precision and quantization, export settings, library versions and the measured parity
-against the PyTorch model. A bundle is written in a temporary folder and renamed into place only after
-every artifact was verified: it is complete and verified, or absent.
+context length, precision and quantization, export settings, library versions, the measured parity against the
+PyTorch model and each artifact's quality measured through its own runtime (:mod:`fasp_edge.runtime`). A bundle
+is written in a temporary folder and renamed into place only after every artifact was verified: it is complete
+and verified, or absent.
 """
 
 from __future__ import annotations
@@ -16,32 +18,35 @@ import hashlib
 import json
 import logging
 import math
-import platform
 import shutil
 import time
-from dataclasses import dataclass
-from importlib import metadata as importlib_metadata
 from pathlib import Path
-from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
+from ..artifacts import FORMATS, QUANTS
+from ..checkpoints.files import save_tokenizer
+from ..checkpoints.loading import LoadedModel, cache_dir, sentencepiece_file
 from ..errors import FaspError, InvalidArgument
 from ..fsutil import atomic_file, atomic_output_dir, check_output_dir, sha256_file, state_dict_sha256
 from ..models import family_for
 from ..models.base import count_parameters
-from ..models.loading import LoadedModel, save_tokenizer, sentencepiece_file
-from .decoder import ExportDecoder, check_export_parity
+from ..models.decoder import ExportDecoder
+from ..pipeline.calibration import (SELF_SAMPLER, SELF_TEMPERATURE, calibration_windows, self_generated_windows,
+                                    tokenize_text)
+from ..pipeline.perplexity import compare_log_probs
+from ..runtime.bundle import BUNDLE_FORMAT_VERSION, PTE_DATA_FILE, Bundle, load_bundle
+from ..runtime.executorch import PteModel
+from ..runtime.onnx import OnnxModel, io_names
+from ..runtime.parity import check_export_parity, logits_parity, parity_prompt
+from ..versions import library_versions
+from .executorch import export_pte, runner_metadata
+from .onnx import export_onnx, quantize_int8
 from .quantize import DEFAULT_RECIPE, Recipe, quantize_decoder
 
 log = logging.getLogger(__name__)
 
-BUNDLE_FORMAT_VERSION = 1
-FORMATS = ("pte", "onnx")
-QUANTS = {"none": ("pte", "onnx"), "8da4w": ("pte",), "int8": ("onnx",)}
-PARITY_TOLERANCE = 1e-4  # fp32 max |Δlogits| allowed between an artifact and the PyTorch model ...
-PARITY_RELATIVE = 5e-6  # ... or this fraction of the largest |logit|, where logits are large (float32 rounding)
-PTE_DATA_FILE = "model.ptd"  # the .pte's external constants (ExecuTorch named data), deduplicated
 QUALITY_WINDOWS = 4  # teacher-forced windows through each artifact's runtime ...
 QUALITY_SEQLEN = 512  # ... of this many tokens (or the context length, if shorter)
 QUALITY_SEED = 1234  # seed of self-written quality text (not the calibration seeds 0, or agreement's)
@@ -50,31 +55,8 @@ CALIBRATION_SEQLEN = 256  # ... of this many tokens (or the context length, if s
 CALIBRATION_SEED = 0  # ... self-written with this seed when no --calib-text is given
 
 
-class BundleError(FaspError):
-    """A bundle is missing, incomplete, corrupt or newer than this fasp-edge."""
-
-
 class ExportVerificationError(FaspError):
     """An exported artifact does not reproduce the PyTorch model."""
-
-
-@dataclass
-class Bundle:
-    """A verified bundle on disk."""
-
-    path: Path
-    manifest: dict
-
-    def file(self, name: str) -> Path:
-        return self.path / name
-
-    @property
-    def formats(self) -> list[str]:
-        return [f for f in FORMATS if f in self.manifest["artifacts"]]
-
-    @property
-    def max_context(self) -> int:
-        return int(self.manifest["max_context"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -89,19 +71,6 @@ def check_export_arguments(formats: list[str], quant: str) -> None:
     if cannot:
         raise InvalidArgument(f"--quant {quant} applies to {', '.join(QUANTS[quant])} only, not {', '.join(cannot)}; "
                               f"export {','.join(cannot)} in a separate bundle with --quant none")
-
-
-def _versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("torch", "executorch", "transformers", "torchao", "onnx", "onnxruntime", "onnxscript"):
-        try:
-            out[pkg] = importlib_metadata.version(pkg)
-        except importlib_metadata.PackageNotFoundError:
-            pass
-    from .. import __version__
-
-    out["fasp-edge"] = __version__
-    return out
 
 
 def eos_ids_of(model, tokenizer) -> list[int]:
@@ -142,43 +111,6 @@ def _tokenizer_facts(tokenizer, folder: Path, source_spm: Path | None, eos_ids: 
     }
 
 
-def parity_prompt(vocab_size: int, length: int = 64, seed: int = 0) -> torch.Tensor:
-    """A fixed, seeded prompt of ordinary token ids for parity checks."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab_size, (1, length), generator=g)
-
-
-def parity_tolerance(max_abs_logit: float) -> float:
-    """The largest fp32 max |Δlogits| a check accepts for logits as large as ``max_abs_logit``: one rule for the
-    export decoder against transformers and for every artifact against the PyTorch model."""
-    return max(PARITY_TOLERANCE, PARITY_RELATIVE * max_abs_logit)
-
-
-def _artifact_parity(model, step_fn, prompt: torch.Tensor, steps: int) -> dict:
-    """Compare an artifact's ``step(tokens, start) -> logits`` with the PyTorch model over a prefill
-    of ``prompt`` and ``steps`` greedy decode steps (the model's own greedy tokens are fed to both)."""
-    from transformers import DynamicCache
-
-    with torch.no_grad():
-        cache = DynamicCache()
-        out = model(prompt, past_key_values=cache, use_cache=True)
-        ref = [out.logits[0, -1]]
-        got = [step_fn(prompt, 0)]
-        pos = prompt.shape[1]
-        for _ in range(steps):
-            tok = ref[-1].argmax().view(1, 1)
-            ref.append(model(tok, past_key_values=cache, use_cache=True).logits[0, -1])
-            got.append(step_fn(tok, pos))
-            pos += 1
-    diffs = [(g.float() - r).abs().max().item() for g, r in zip(got, ref)]
-    same = sum(int(g.argmax() == r.argmax()) for g, r in zip(got, ref))
-    scale = max(r.abs().max().item() for r in ref)
-    return {"prefill_tokens": prompt.shape[1], "decode_steps": steps, "max_abs_logit": scale,
-            "tolerance": parity_tolerance(scale), "prefill_max_abs_diff": diffs[0],
-            "decode_max_abs_diff": max(diffs[1:], default=0.0), "max_abs_diff": max(diffs),
-            "greedy_token_agreement": same / len(ref), "greedy_tokens_equal": same == len(ref)}
-
-
 def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: int = QUALITY_WINDOWS,
                     seqlen: int = QUALITY_SEQLEN, weights_sha256: str | None = None,
                     progress: bool = True) -> tuple[torch.Tensor, dict]:
@@ -191,7 +123,6 @@ def quality_windows(loaded: LoadedModel, *, text: str | None = None, windows: in
     e.g. a ``fasp-edge run``'s ONNX export after its 4-bit one) reads them instead of sampling them again
     (~70 s for SmolLM2-135M on 2 cores).
     """
-    from ..pipeline.calibration import tokenize_text
 
     if text is None:
         return _self_written(loaded, windows, seqlen, QUALITY_SEED, weights_sha256, progress)
@@ -211,7 +142,6 @@ def quantizer_windows(loaded: LoadedModel, *, text: str | None = None, windows: 
     (:func:`~fasp_edge.pipeline.calibration.calibration_windows`, seed :data:`CALIBRATION_SEED`; give validation
     text, never the text quality is measured on; a short text gives fewer windows), or text the model writes
     itself with that seed (another than the quality text's), cached like :func:`quality_windows`."""
-    from ..pipeline.calibration import calibration_windows, tokenize_text
 
     if text is None:
         return _self_written(loaded, windows, seqlen, CALIBRATION_SEED, weights_sha256, progress)
@@ -239,7 +169,6 @@ def check_token_windows(windows, vocab_size: int, max_context: int, what: str = 
 def _self_written(loaded: LoadedModel, windows: int, seqlen: int, seed: int, weights_sha256: str | None,
                   progress: bool) -> tuple[torch.Tensor, dict]:
     """``windows`` sequences ``loaded``'s model writes from BOS with ``seed``, through :func:`cached_self_written`."""
-    from ..pipeline.calibration import SELF_SAMPLER, SELF_TEMPERATURE, self_generated_windows
 
     source = {"text": "self-generated", "seed": seed, "windows": windows, "seqlen": seqlen}
     tok = loaded.tokenizer
@@ -256,7 +185,6 @@ def cached_self_written(key: dict, sample) -> torch.Tensor:
     on read). The entry is locked while it is read or sampled, so two exports of one model side by side sample
     once; it is written through :func:`~fasp_edge.fsutil.atomic_file`. A missing, unreadable or mismatching entry
     is sampled again; a cache that cannot be written is skipped."""
-    from ..models.loading import cache_dir
 
     blob = json.dumps(key, sort_keys=True)
     folder = cache_dir() / "quality"
@@ -296,9 +224,6 @@ def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = Tru
     the same windows. Returns the top-1 agreement of next-token predictions, the perplexity of both on
     the window text and their ratio (``exp`` of the mean NLL difference), and the mean KL(model || artifact).
     """
-    from tqdm.auto import tqdm
-
-    from ..pipeline.perplexity import compare_log_probs
 
     n, length = windows.shape
     same = 0
@@ -346,8 +271,6 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     calibration stage's), else on :func:`quantizer_windows` of ``calibration_text`` (validation text; without
     it, text the model writes itself).
     """
-    from tqdm.auto import tqdm
-
     check_export_arguments(list(formats), quant)
     recipe = recipe or DEFAULT_RECIPE
     recipe.check()
@@ -356,49 +279,27 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     if max_context < parity_prefill + parity_steps + 1:
         raise InvalidArgument(f"--max-context {max_context} is below the {parity_prefill + parity_steps + 1} "
                               "positions the parity check needs; raise it")
+    if quality_text is not None and quality_tokens is not None:
+        raise InvalidArgument("give the quality text or quality token windows, not both")
     model = loaded.model.eval()
-    family = family_for(model)
     prompt = parity_prompt(model.config.vocab_size, parity_prefill)
     settings = {"max_context": max_context, "quant": quant, "formats": list(formats), "dtype": "float32",
                 "parity_prefill": parity_prefill, "parity_steps": parity_steps}
     if quant == "8da4w":
         settings["recipe"] = dataclasses.asdict(recipe)
     weights_sha256 = state_dict_sha256(model)
-    quality_set, quality_source = None, None
-    if quality_text is not None and quality_tokens is not None:
-        raise InvalidArgument("give the quality text or quality token windows, not both")
-    if quality_windows_count > 0 and quality_tokens is not None:
-        quality_set = check_token_windows(quality_tokens, model.config.vocab_size, max_context,
-                                          what="quality")[:quality_windows_count]
-        quality_source = {"text": "given windows", "windows": quality_set.shape[0], "seqlen": quality_set.shape[1]}
+    quality_set, quality_source = _quality_text(loaded, quality_text, quality_tokens, quality_windows_count,
+                                                max_context, weights_sha256, progress)
+    if quality_source is not None:
         settings["quality"] = quality_source
-    elif quality_windows_count > 0:
-        quality_set, quality_source = quality_windows(loaded, text=quality_text, windows=quality_windows_count,
-                                                      seqlen=min(QUALITY_SEQLEN, max_context),
-                                                      weights_sha256=weights_sha256, progress=progress)
-        settings["quality"] = quality_source
-    if quant != "8da4w" or not recipe.calibrated:
-        calibration = None
-    elif calibration is not None:
-        calibration = check_token_windows(calibration, model.config.vocab_size, max_context)
-        settings["calibration"] = {"text": "given windows", "windows": calibration.shape[0],
-                                   "seqlen": calibration.shape[1]}
-    else:
-        calibration, settings["calibration"] = quantizer_windows(
-            loaded, text=calibration_text, seqlen=min(CALIBRATION_SEQLEN, max_context),
-            weights_sha256=weights_sha256, progress=progress)
+    calibration, calibration_source = _quantizer_calibration(loaded, quant, recipe, calibration, calibration_text,
+                                                             max_context, weights_sha256, progress)
+    if calibration_source is not None:
+        settings["calibration"] = calibration_source
     artifacts: dict[str, dict] = {}
     steps = tqdm(total=len(formats) + 1, desc="export", disable=not progress)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        # the decoder definition itself, in fp32, against transformers
-        ref_decoder = ExportDecoder(model, max_context=max_context, cache="static", full_logits=True).eval()
-        decoder_parity = check_export_parity(model, ref_decoder, prompt, parity_steps)
-        decoder_parity["tolerance"] = parity_tolerance(decoder_parity["max_abs_logit"])
-        if decoder_parity["max_abs_diff"] > decoder_parity["tolerance"]:
-            raise ExportVerificationError(f"the export decoder differs from the model by "
-                                          f"{decoder_parity['max_abs_diff']:.2e} (> {decoder_parity['tolerance']:.1e}); "
-                                          "please report it")
-        dims = [dataclasses.asdict(d) for d in ref_decoder.dims]
+        decoder_parity, dims = _check_decoder(model, max_context, prompt, parity_steps)
         steps.update(1)
         for fmt in formats:
             t0 = time.perf_counter()
@@ -416,38 +317,80 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
         tok = _tokenizer_facts(loaded.tokenizer, tmp, sentencepiece_file(loaded), eos_ids_of(model, loaded.tokenizer))
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        cfg = model.config
-        manifest = {
-            "format": "fasp-edge-bundle",
-            "format_version": BUNDLE_FORMAT_VERSION,
-            "created_unix": int(time.time()),
-            "model": {
-                "family": family.name,
-                "model_type": cfg.model_type,
-                "source": str(loaded.source),
-                "fasp": getattr(cfg, "fasp", None),
-                "num_layers": len(dims),
-                "hidden_size": cfg.hidden_size,
-                "layers": dims,
-                "vocab_size": cfg.vocab_size,
-                "parameters": count_parameters(model),
-                "weights_sha256": weights_sha256,  # ties the bundle to its PyTorch model (bench --backends torch)
-            },
-            "max_context": max_context,
-            "tokenizer": tok,
-            "precision": "float32" if quant == "none" else f"float32 activations, {quant} weights",
-            "quantization": quant,
-            "export_settings": settings,
-            "artifacts": artifacts,
-            "parity": {"decoder_vs_transformers": decoder_parity,
-                       **{fmt: a["parity"] for fmt, a in artifacts.items()}},
-            "quality": {fmt: a["quality"] for fmt, a in artifacts.items() if "quality" in a},
-            "files": files,
-            "versions": _versions(),
-        }
+        manifest = _manifest(loaded, dims, weights_sha256, max_context, tok, quant, settings, artifacts,
+                             decoder_parity, files)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     steps.close()
     return load_bundle(out)
+
+
+def _quality_text(loaded: LoadedModel, text: str | None, tokens: torch.Tensor | None, count: int, max_context: int,
+                  weights_sha256: str, progress: bool) -> tuple[torch.Tensor | None, dict | None]:
+    """The windows every artifact's quality is measured on, and where they come from (none when ``count`` is 0)."""
+    if count <= 0:
+        return None, None
+    if tokens is not None:
+        windows = check_token_windows(tokens, loaded.model.config.vocab_size, max_context, what="quality")[:count]
+        return windows, {"text": "given windows", "windows": windows.shape[0], "seqlen": windows.shape[1]}
+    return quality_windows(loaded, text=text, windows=count, seqlen=min(QUALITY_SEQLEN, max_context),
+                           weights_sha256=weights_sha256, progress=progress)
+
+
+def _quantizer_calibration(loaded: LoadedModel, quant: str, recipe: Recipe, calibration: torch.Tensor | None,
+                           text: str | None, max_context: int, weights_sha256: str,
+                           progress: bool) -> tuple[torch.Tensor | None, dict | None]:
+    """The windows a calibrated 4-bit recipe quantizes with, and where they come from (none for other exports)."""
+    if quant != "8da4w" or not recipe.calibrated:
+        return None, None
+    if calibration is not None:
+        calibration = check_token_windows(calibration, loaded.model.config.vocab_size, max_context)
+        return calibration, {"text": "given windows", "windows": calibration.shape[0], "seqlen": calibration.shape[1]}
+    return quantizer_windows(loaded, text=text, seqlen=min(CALIBRATION_SEQLEN, max_context),
+                             weights_sha256=weights_sha256, progress=progress)
+
+
+def _check_decoder(model, max_context: int, prompt: torch.Tensor, steps: int) -> tuple[dict, list[dict]]:
+    """The export decoder itself, in fp32, against transformers (before any artifact is made); its per-layer dims."""
+    ref_decoder = ExportDecoder(model, max_context=max_context, cache="static", full_logits=True).eval()
+    parity = check_export_parity(model, ref_decoder, prompt, steps)
+    if parity["max_abs_diff"] > parity["tolerance"]:
+        raise ExportVerificationError(f"the export decoder differs from the model by {parity['max_abs_diff']:.2e} "
+                                      f"(> {parity['tolerance']:.1e}); please report it")
+    return parity, [dataclasses.asdict(d) for d in ref_decoder.dims]
+
+
+def _manifest(loaded: LoadedModel, dims: list[dict], weights_sha256: str, max_context: int, tok: dict, quant: str,
+              settings: dict, artifacts: dict, decoder_parity: dict, files: dict) -> dict:
+    """``manifest.json``: what the bundle holds, what it was made from and how, and what was measured of it."""
+    model = loaded.model
+    cfg = model.config
+    return {
+        "format": "fasp-edge-bundle",
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "created_unix": int(time.time()),
+        "model": {
+            "family": family_for(model).name,
+            "model_type": cfg.model_type,
+            "source": str(loaded.source),
+            "fasp": getattr(cfg, "fasp", None),
+            "num_layers": len(dims),
+            "hidden_size": cfg.hidden_size,
+            "layers": dims,
+            "vocab_size": cfg.vocab_size,
+            "parameters": count_parameters(model),
+            "weights_sha256": weights_sha256,  # ties the bundle to its PyTorch model (bench --backends torch)
+        },
+        "max_context": max_context,
+        "tokenizer": tok,
+        "precision": "float32" if quant == "none" else f"float32 activations, {quant} weights",
+        "quantization": quant,
+        "export_settings": settings,
+        "artifacts": artifacts,
+        "parity": {"decoder_vs_transformers": decoder_parity, **{fmt: a["parity"] for fmt, a in artifacts.items()}},
+        "quality": {fmt: a["quality"] for fmt, a in artifacts.items() if "quality" in a},
+        "files": files,
+        "versions": library_versions(),
+    }
 
 
 def _verify(kind: str, parity: dict, quant: str) -> None:
@@ -460,7 +403,6 @@ def _verify(kind: str, parity: dict, quant: str) -> None:
 
 def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int, tokenizer,
                          recipe: Recipe, calibration: torch.Tensor | None = None, progress: bool = False):
-    from .executorch import PteModel, export_pte, runner_metadata
 
     src = copy.deepcopy(model) if quant != "none" else model
     decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
@@ -470,7 +412,7 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     # (fp32, or 8da4w's 8-bit head integers that the 8-bit embedding kernel reads too) is written once
     lowering = export_pte(decoder, tmp / "model.pte", meta, data_file=PTE_DATA_FILE)
     pte = PteModel(tmp / "model.pte", data_path=tmp / PTE_DATA_FILE)
-    parity = _artifact_parity(model, pte.step, prompt, steps)
+    parity = logits_parity(model, pte.step, prompt, steps)
     _verify("ExecuTorch", parity, quant)
     info = {"file": "model.pte", "backend": "xnnpack", "method": "forward(tokens[1,T], input_pos[1]) -> logits[1,V]",
             "metadata": meta, "parity": parity, "lowering": lowering, "data_file": PTE_DATA_FILE,
@@ -481,7 +423,6 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
 
 
 def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int) -> dict:
-    from .onnx import OnnxModel, export_onnx, io_names, quantize_int8
 
     decoder = ExportDecoder(model, max_context=max_context, cache="io").eval()
     if quant == "int8":
@@ -493,7 +434,7 @@ def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt
     else:
         export_onnx(decoder, tmp / "model.onnx")
     onnx_model = OnnxModel(tmp / "model.onnx")
-    parity = _artifact_parity(model, onnx_model.step, prompt, steps)
+    parity = logits_parity(model, onnx_model.step, prompt, steps)
     _verify("ONNX", parity, quant)
     inputs, outputs = io_names(len(decoder.blocks))
     data = [p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx"]
@@ -508,39 +449,3 @@ def _onnx_opset(path: Path) -> int | None:
     return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-# --------------------------------------------------------------------------------------------------
-def load_bundle(path: str | Path, *, verify_hashes: bool = True) -> Bundle:
-    """Read a bundle's manifest and check that every file is there with its recorded size and hash."""
-    folder = Path(path)
-    mpath = folder / "manifest.json"
-    if not mpath.is_file():
-        raise BundleError(f"{folder} has no manifest.json; it is not a fasp-edge bundle (make one with "
-                          "`fasp-edge export`)")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BundleError(f"cannot read {mpath}: {e}; re-export the bundle") from None
-    if manifest.get("format") != "fasp-edge-bundle":
-        raise BundleError(f"{mpath} is not a fasp-edge bundle manifest; re-export the bundle")
-    version = manifest.get("format_version", 0)
-    if version > BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{folder} has bundle format {version}, newer than this fasp-edge reads "
-                          f"({BUNDLE_FORMAT_VERSION}); upgrade fasp-edge")
-    for name, rec in manifest.get("files", {}).items():
-        f = folder / name
-        if not f.is_file():
-            raise BundleError(f"{folder}: {name} is missing; the bundle is incomplete — re-export it")
-        if f.stat().st_size != rec["bytes"]:
-            raise BundleError(f"{folder}: {name} has {f.stat().st_size} bytes, the manifest says {rec['bytes']}; "
-                              "the bundle is corrupt — re-export or re-copy it")
-        if verify_hashes and sha256_file(f) != rec["sha256"]:
-            raise BundleError(f"{folder}: {name} does not match its sha256 in the manifest; the bundle is corrupt "
-                              "— re-export or re-copy it")
-    return Bundle(folder, manifest)
-
-
-def describe(bundle: Bundle) -> dict[str, Any]:
-    """A short summary for the CLI."""
-    m = bundle.manifest
-    return {"path": str(bundle.path), "formats": bundle.formats, "quantization": m["quantization"],
-            "max_context": m["max_context"], "bytes": sum(f["bytes"] for f in m["files"].values())}

@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..errors import InvalidArgument
+from ..pipeline.stats import InputStatistics
 
 GROUP_SIZE = 32
 QPARAMS = ("asymmetric", "gptq", "hqq_scale_only", "affine")
@@ -355,7 +356,6 @@ def input_grams(run, inputs, linears: dict[str, nn.Linear], progress: bool = Fal
     Linear's input is recorded: a block's statistics for q/o/gate/up skip its three MLP products."""
     from tqdm.auto import tqdm
 
-    from ..pipeline.stats import InputStatistics
 
     stats: dict[str, InputStatistics] = {}
     alias: dict[str, str] = {}
@@ -409,21 +409,13 @@ class _Pair:
 
 
 def smoothing_pairs(decoder: nn.Module) -> list[_Pair]:
-    from .decoder import OPTBlock, PreNormGatedBlock
-
+    """Every scalable input of the decoder's Linears: what each family's block declares
+    (``block.smoothing_pairs()``: a norm or a producer Linear and the Linears it feeds), plus each attention's
+    ``v_proj`` -> ``o_proj`` (heads sharing a value head share its scales)."""
     pairs = []
     for blk in decoder.blocks:
         at = blk.attn
-        if isinstance(blk, PreNormGatedBlock):
-            pairs += [_Pair([at.q_proj, at.k_proj, at.v_proj], norm=blk.input_layernorm),
-                      _Pair([blk.gate_proj, blk.up_proj], norm=blk.post_attention_layernorm),
-                      _Pair([blk.down_proj], producer=blk.up_proj)]
-        elif isinstance(blk, OPTBlock):
-            if blk.pre_ln:
-                pairs += [_Pair([at.q_proj, at.k_proj, at.v_proj], norm=blk.self_attn_layer_norm),
-                          _Pair([blk.fc1], norm=blk.final_layer_norm)]
-            if isinstance(blk.act, nn.ReLU):  # relu(z / s) = relu(z) / s for s > 0
-                pairs.append(_Pair([blk.fc2], producer=blk.fc1))
+        pairs += [_Pair(**p) for p in blk.smoothing_pairs()]
         dv = at.v_proj.out_features // at.num_kv_heads
         if at.o_proj.in_features == at.num_heads * dv:
             pairs.append(_Pair([at.o_proj], producer=at.v_proj, tie=(at.num_heads, at.num_kv_heads, dv)))

@@ -1,7 +1,8 @@
-"""Model families and model loading.
+"""Model families: one descriptor per architecture, holding everything fasp-edge knows about it.
 
-Adding a family means writing one :class:`~fasp_edge.models.base.ModelFamily` subclass and listing
-it in ``FAMILIES``; nothing else in fasp-edge branches on the architecture.
+Adding a family means one module here: a :class:`~fasp_edge.models.base.ModelFamily` subclass (the prunable
+pairs, the attention layout, the export parts and block, made of :mod:`.blocks`), listed in ``FAMILIES``;
+nothing else in fasp-edge branches on the architecture.
 """
 
 from __future__ import annotations

@@ -92,14 +92,26 @@ class ModelFamily:
         """Token/position embedding tables and the LM head (counted apart from the rest)."""
         raise NotImplementedError
 
-    # --- export ----------------------------------------------------------------------------
+    # --- export (the family's whole export lives in its own module: parts, block, embedding, head input) ---
     def export_parts(self, model: nn.Module):
-        """Embeddings, positions, final norm and LM head for :class:`~fasp_edge.export.decoder.ExportDecoder`."""
+        """The whole-model pieces (:class:`~fasp_edge.models.blocks.ExportParts`) for
+        :class:`~fasp_edge.models.decoder.ExportDecoder`: token embedding, final norm, LM head, rotary, and any
+        family-specific modules its :meth:`export_embed` / :meth:`export_head_input` read."""
         raise NotImplementedError
 
     def export_block(self, layer: nn.Module) -> nn.Module:
-        """One export-friendly block re-using ``layer``'s weight modules."""
+        """One export-friendly block re-using ``layer``'s weight modules (written in the family's module, from
+        :mod:`fasp_edge.models.blocks`; it runs in both cache modes through ``step.norm`` / ``step.attention``)."""
         raise NotImplementedError
+
+    def export_embed(self, decoder: nn.Module, tokens: torch.Tensor, start, t: int) -> torch.Tensor:
+        """The first block's input for ``tokens [1, T]`` at positions ``start..start+T-1`` (default: the token
+        embedding alone; a family with learned positions or an input projection adds them here)."""
+        return decoder.embed_tokens(tokens)
+
+    def export_head_input(self, decoder: nn.Module, x: torch.Tensor, step) -> torch.Tensor:
+        """What the LM head reads from the last block's output ``x`` (default: ``x`` through the final norm)."""
+        return step.norm(decoder.final_norm, x) if decoder.final_norm is not None else x
 
     # --- derived helpers shared by all families -------------------------------------------
     def ffn_dim(self, layer: nn.Module) -> int:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, eager_attention_forward
 
 from .base import AttentionLayout, ModelFamily
+from .blocks import Attention, ExportParts
 
 
 def _forward_with_value_head_dim(
@@ -94,12 +96,36 @@ class LlamaLikeFamily(ModelFamily):
         return [model.model.embed_tokens, model.lm_head]
 
     def export_parts(self, model):
-        from ..export.decoder import ExportParts
-
         return ExportParts(embed_tokens=model.model.embed_tokens, lm_head=model.lm_head, final_norm=model.model.norm,
                            rotary=model.model.rotary_emb)
 
     def export_block(self, layer):
-        from ..export.decoder import PreNormGatedBlock
-
         return PreNormGatedBlock(self, layer)
+
+
+class PreNormGatedBlock(nn.Module):
+    """LLaMA-like block: RMSNorm, RoPE attention, gated (SwiGLU) MLP, pre-norm residuals."""
+
+    def __init__(self, family, layer):
+        super().__init__()
+        self.attn = Attention(layer.self_attn, family, layer, rope=True, q_scale_first=False)
+        self.input_layernorm, self.post_attention_layernorm = layer.input_layernorm, layer.post_attention_layernorm
+        self.gate_proj, self.up_proj = family.mlp_in(layer)
+        self.down_proj = family.mlp_out(layer)
+        self.act = layer.mlp.act_fn
+
+    def norms(self) -> list[nn.Module]:
+        return [self.input_layernorm, self.post_attention_layernorm]
+
+    def smoothing_pairs(self) -> list[dict]:
+        """Inputs a 4-bit quantizer may rescale for free: each norm's Linears, and ``down_proj``'s input through
+        ``up_proj``'s rows (the gate multiplies it linearly)."""
+        at = self.attn
+        return [{"consumers": [at.q_proj, at.k_proj, at.v_proj], "norm": self.input_layernorm},
+                {"consumers": [self.gate_proj, self.up_proj], "norm": self.post_attention_layernorm},
+                {"consumers": [self.down_proj], "producer": self.up_proj}]
+
+    def forward(self, x, step, i: int):
+        x = x + step.attention(self.attn, step.norm(self.input_layernorm, x), i)
+        h = step.norm(self.post_attention_layernorm, x)
+        return x + self.down_proj(self.act(self.gate_proj(h)) * self.up_proj(h))

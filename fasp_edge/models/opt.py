@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.opt.modeling_opt import eager_attention_forward
 
 from .base import AttentionLayout, ModelFamily
+from .blocks import Attention, ExportParts
 
 
 def _forward_with_value_head_dim(
@@ -88,15 +90,63 @@ class OPTFamily(ModelFamily):
         return [dec.embed_tokens, dec.embed_positions, model.lm_head]
 
     def export_parts(self, model):
-        from ..export.decoder import ExportParts
-
         dec = model.model.decoder
         # transformers' OPTLearnedPositionalEmbedding looks positions up at an offset of 2
         return ExportParts(embed_tokens=dec.embed_tokens, lm_head=model.lm_head, final_norm=dec.final_layer_norm,
-                           project_in=dec.project_in, project_out=dec.project_out,
-                           embed_positions=dec.embed_positions, position_offset=dec.embed_positions.offset)
+                           extra={"project_in": dec.project_in, "project_out": dec.project_out,
+                                  "embed_positions": dec.embed_positions,
+                                  "position_offset": dec.embed_positions.offset})
+
+    def export_embed(self, decoder, tokens, start, t):
+        """Tokens (through ``project_in`` where the model has one) plus the learned positions."""
+        x = decoder.embed_tokens(tokens)
+        if decoder.project_in is not None:
+            x = decoder.project_in(x)
+        pos = decoder.embed_positions.weight.narrow(0, start + decoder.position_offset, t)
+        return x + pos.unsqueeze(0)
+
+    def export_head_input(self, decoder, x, step):
+        """The final LayerNorm (where the model has one), then ``project_out`` (where it has one)."""
+        x = super().export_head_input(decoder, x, step)
+        return decoder.project_out(x) if decoder.project_out is not None else x
 
     def export_block(self, layer):
-        from ..export.decoder import OPTBlock
-
         return OPTBlock(self, layer)
+
+
+class OPTBlock(nn.Module):
+    """OPT block: LayerNorm before (pre-LN) or after (post-LN) each residual, ReLU MLP, learned positions."""
+
+    def __init__(self, family, layer):
+        super().__init__()
+        self.attn = Attention(layer.self_attn, family, layer, rope=False, q_scale_first=True)
+        self.self_attn_layer_norm, self.final_layer_norm = layer.self_attn_layer_norm, layer.final_layer_norm
+        (self.fc1,) = family.mlp_in(layer)
+        self.fc2 = family.mlp_out(layer)
+        self.act = layer.activation_fn
+        self.pre_ln = layer.do_layer_norm_before
+
+    def norms(self) -> list[nn.Module]:
+        return [self.self_attn_layer_norm, self.final_layer_norm]
+
+    def smoothing_pairs(self) -> list[dict]:
+        """Inputs a 4-bit quantizer may rescale for free: a pre-LN norm's Linears, and ``fc2``'s input through
+        ``fc1``'s rows where the activation is ReLU (``relu(z / s) = relu(z) / s`` for ``s > 0``)."""
+        at, pairs = self.attn, []
+        if self.pre_ln:
+            pairs += [{"consumers": [at.q_proj, at.k_proj, at.v_proj], "norm": self.self_attn_layer_norm},
+                      {"consumers": [self.fc1], "norm": self.final_layer_norm}]
+        if isinstance(self.act, nn.ReLU):
+            pairs.append({"consumers": [self.fc2], "producer": self.fc1})
+        return pairs
+
+    def forward(self, x, step, i: int):
+        h = step.norm(self.self_attn_layer_norm, x) if self.pre_ln else x
+        x = x + step.attention(self.attn, h, i)
+        if not self.pre_ln:
+            x = step.norm(self.self_attn_layer_norm, x)
+        h = step.norm(self.final_layer_norm, x) if self.pre_ln else x
+        x = x + self.fc2(self.act(self.fc1(h)))
+        if not self.pre_ln:
+            x = step.norm(self.final_layer_norm, x)
+        return x

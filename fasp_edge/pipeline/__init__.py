@@ -1,9 +1,6 @@
-"""Calibration, FASP and baselines, perplexity, pruned checkpoints."""
+"""The pruning library: calibration, input statistics, channel scoring and refits, FASP and its baselines,
+the parameter-budget allocation, and the evaluation of a model (perplexity, agreement, zero-shot tasks).
 
-from .calibration import Calibration, calibration_windows
-from .checkpoint import load_pruned, save_pruned
-from .fasp import METHODS, PruneResult, prune
-from .perplexity import perplexity
-
-__all__ = ["Calibration", "METHODS", "PruneResult", "calibration_windows", "load_pruned", "perplexity", "prune",
-           "save_pruned"]
+It reads models through :mod:`fasp_edge.models` and :mod:`fasp_edge.checkpoints` and imports nothing above
+them (export, runtime, bench, job). The public entry points are re-exported lazily from :mod:`fasp_edge`.
+"""

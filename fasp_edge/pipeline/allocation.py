@@ -39,10 +39,11 @@ from torch import nn
 
 from ..errors import InvalidArgument
 from ..models.base import ModelFamily
-from .fasp import aligned_width, obs_curve, pair_output, score_channels, value_channel_groups, value_channel_scores
+from .channels import aligned_width, obs_curve, pair_output, score_channels, value_channel_groups, value_channel_scores
+from .options import ALLOCATION_RULES
 from .stats import InputStatistics
 
-RULES = ("error", "standardized", "energy", "uniform")
+RULES = ALLOCATION_RULES
 CURVE_DAMP = 0.01  # the error rule's refit damping (λ relative to mean(diag G)): one fixed λ for all the curves;
 # the final refit then chooses its own per pair (prune's damp="auto")
 CURVE_STEPS = 32  # the error rule's greedy removes a pair's units in about this many blocks

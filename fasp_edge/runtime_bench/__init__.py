@@ -1,5 +1,6 @@
-"""Running and measuring models: one generation interface over PyTorch, ONNX Runtime and ExecuTorch."""
+"""The runtime benchmark: device profiles, the measuring child process, the harness that plans and merges
+measurements, and the bench report.
 
-from .engines import BACKENDS, Engine, GenerationResult, generate, open_engine
-
-__all__ = ["BACKENDS", "Engine", "GenerationResult", "generate", "open_engine"]
+Nothing is imported here: ``python -m fasp_edge.runtime_bench.measure`` must load only the standard library
+until it has applied its profile's CPU affinity and thread settings.
+"""

@@ -21,11 +21,11 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoints.loading import DEFAULT_MODEL_NAME
 from ..errors import InvalidArgument
-from ..export.bundle import Bundle, load_bundle
-from ..export.bundle import describe as describe_bundle
 from ..procutil import die_with_parent_fn
-from .engines import BACKENDS
+from ..runtime.bundle import Bundle, describe as describe_bundle, load_bundle
+from ..runtime.engines import BACKENDS
 from .measure import PROGRESS_MARK, host_facts, status_row, summarize, thread_env, usable_cpus
 from .profiles import Profile
 
@@ -117,7 +117,6 @@ def optimum_target(path: str | os.PathLike) -> Target:
 
 def torch_source(target: Target) -> str | None:
     """What :func:`load_model` needs for the PyTorch model a bundle came from (None: the embedded default)."""
-    from ..models.loading import DEFAULT_MODEL_NAME
 
     src = target.manifest["model"].get("source")
     if src == DEFAULT_MODEL_NAME:

@@ -5,15 +5,15 @@ module in a new interpreter, and reads the JSON result back. A fresh process per
 no thread pool, allocator or page-cache state of one runtime colours the next, and the peak RSS is
 that of one model on one runtime.
 
-The profile is applied before any runtime library is imported: process CPU affinity, then the thread
-count of each runtime (``torch.set_num_threads``, 1 where torch only carries tokens and logits for
-another runtime; ONNX Runtime intra/inter-op threads without spinning; ExecuTorch's thread pool). What
-the host cannot honour (more threads than usable CPUs, CPU ids it does not have, affinity on an OS
-without it) is clamped and listed in ``not_applied``.
-The package import loads torch before this module runs, so the OpenMP/BLAS thread variables torch reads
-at load come from the harness, which starts this process with :func:`thread_env`; a process started
-otherwise says so in ``not_applied``. The runtimes start their thread pools after the affinity is applied,
-so every pool thread inherits it.
+The profile is applied before any runtime library is imported: until then this process has loaded only the
+standard library (``import fasp_edge`` and this module load nothing else; the result records what was loaded,
+``applied.modules_before_profile``, and a test checks it is nothing). Then: process CPU affinity, the
+OpenMP/BLAS thread variables torch reads when it loads (:func:`thread_env`; the harness also starts the
+process with them), and the thread count of each runtime (``torch.set_num_threads``, 1 where torch only
+carries tokens and logits for another runtime; ONNX Runtime intra/inter-op threads without spinning;
+ExecuTorch's thread pool). What the host cannot honour (more threads than usable CPUs, CPU ids it does not
+have, affinity on an OS without it) is clamped and listed in ``not_applied``. The runtimes start their
+thread pools after the affinity is applied, so every pool thread inherits it.
 """
 
 from __future__ import annotations
@@ -27,10 +27,15 @@ import time
 import traceback
 from pathlib import Path
 
-#: the OpenMP/BLAS thread variables torch read when it loaded in this process (importing the fasp_edge
-#: package loads torch before :func:`measure` runs, so only the parent's environment can set them)
+from ..errors import FaspError, InvalidArgument
+from ..fsutil import state_dict_sha256
+from ..runtime.bundle import artifact_bytes
+from ..versions import library_versions
+
+#: the OpenMP/BLAS thread variables torch reads when it loads (set here before it does)
 THREAD_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-_THREAD_ENV_AT_START = {v: os.environ.get(v) for v in THREAD_ENV_VARS}
+#: libraries that start thread pools or read the thread variables at import: none may load before the profile
+HEAVY_MODULES = ("torch", "numpy", "transformers", "executorch", "onnxruntime", "onnx", "torchao", "tokenizers")
 PROGRESS_MARK = "fasp-edge-progress: "  # a line on stderr per finished generation, for the harness's progress bar
 PROMPT_TEXT = (
     "Small language models run on phones, smart speakers and single-board computers when they are pruned and "
@@ -74,18 +79,6 @@ def _memory_total_mb() -> float | None:
         return round(psutil.virtual_memory().total / 2**20, 1)
     except ImportError:
         return None
-
-
-def library_versions() -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"python": platform.python_version()}
-    for pkg in ("fasp-edge", "torch", "executorch", "onnxruntime", "transformers", "numpy"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
 
 
 def host_facts() -> dict:
@@ -204,7 +197,7 @@ def prompt_ids(bundle_dir: Path, manifest: dict, n: int) -> list[int]:
 
 # ------------------------------------------------------------------------------------------ the measurement
 def _import_backend(backend: str) -> None:
-    from .engines import BackendUnavailable
+    from ..runtime.engines import BackendUnavailable
 
     module = {"pte": "executorch.runtime", "onnx": "onnxruntime", "torch": "transformers"}[backend]
     try:
@@ -216,8 +209,6 @@ def _import_backend(backend: str) -> None:
 
 def check_same_model(loaded, manifest: dict) -> None:
     """Refuse to time a PyTorch model that is not the one the bundle was exported from."""
-    from ..errors import InvalidArgument
-    from ..fsutil import state_dict_sha256
     from ..models.base import count_parameters
 
     rec = manifest["model"]
@@ -236,38 +227,33 @@ def check_same_model(loaded, manifest: dict) -> None:
 
 def _open(spec: dict, manifest: dict, threads: int):
     """Open the engine for ``spec``; returns (engine, artifact bytes, the loaded PyTorch model or None)."""
-    from .engines import OnnxEngine, PteEngine, TorchEngine, pte_data_path
+    from ..runtime.engines import open_artifact, open_checkpoint
 
-    bundle_dir, backend = Path(spec["bundle"]), spec["backend"]
-    max_context = int(manifest["max_context"])
+    backend = spec["backend"]
     if backend == "torch":
-        from ..models.loading import load_model
-
-        loaded = load_model(spec.get("torch_model"))
+        engine, loaded = open_checkpoint(spec.get("torch_model"), int(manifest["max_context"]), threads=threads)
         size = sum(t.numel() * t.element_size() for t in loaded.model.state_dict().values())
-        return TorchEngine(loaded.model, max_context, threads=threads), size, loaded
-    art = manifest["artifacts"][backend]
-    files = [art["file"], *art.get("external_data", [])]
-    size = sum(manifest["files"][f]["bytes"] for f in files if f in manifest["files"])
-    path = bundle_dir / art["file"]
-    if backend == "pte":
-        return PteEngine(path, max_context, threads=threads, data_path=pte_data_path(bundle_dir, manifest)), size, None
-    return OnnxEngine(path, max_context, threads=threads), size, None
+        return engine, size, loaded
+    return open_artifact(Path(spec["bundle"]), manifest, backend, threads=threads), artifact_bytes(manifest, backend), None
 
 
 def measure(spec: dict) -> dict:
     """Apply the profile, load the engine, run warm-up and counted generations; return the result record."""
     prof = spec["profile"]
+    loaded_before = [m for m in HEAVY_MODULES if m in sys.modules]
     result = status_row(spec["label"], spec["backend"], prof["name"], "ok", None)
     cpus, threads, notes = plan_cpus(prof["threads"], prof.get("cpu_affinity", "first"), usable_cpus())
     notes += apply_affinity(cpus)
     torch_threads = torch_threads_for(spec["backend"], prof["threads"], prof.get("cpu_affinity", "first"),
                                       usable_cpus())
-    for var in THREAD_ENV_VARS:
-        if _THREAD_ENV_AT_START[var] != str(torch_threads):
-            notes.append(f"{var}: was {_THREAD_ENV_AT_START[var]!r} when torch loaded, not {torch_threads!r}; "
-                         "start measurements through `fasp-edge bench`, which sets it (torch.set_num_threads "
-                         "still applied)")
+    if "torch" not in sys.modules:
+        os.environ.update(thread_env(spec["backend"], prof["threads"], prof.get("cpu_affinity", "first"),
+                                     usable_cpus()))
+    env_at_torch_load = {v: os.environ.get(v) for v in THREAD_ENV_VARS}
+    for var, value in env_at_torch_load.items():
+        if value != str(torch_threads):
+            notes.append(f"{var}: was {value!r} when torch loaded, not {torch_threads!r} (something loaded torch "
+                         "before the profile was applied; torch.set_num_threads still applied)")
     result["not_applied"] = notes
     manifest = spec["manifest"]
     exported_here = manifest.get("format") == "fasp-edge-bundle"  # not a reference export with its own context
@@ -277,15 +263,14 @@ def measure(spec: dict) -> dict:
                      f"with --max-context {prof['context_length']} to match)")
     need = prof["prompt_tokens"] + prof["generate_tokens"]
     if need > manifest["max_context"]:
-        from ..errors import InvalidArgument
-
+    
         raise InvalidArgument(f"the profile needs {need} positions (prompt + generation), the bundle holds "
                               f"{manifest['max_context']}; re-export with a larger --max-context")
 
     _import_backend(spec["backend"])
     import torch
 
-    from .engines import generate
+    from ..runtime.engines import generate
 
     torch.set_num_threads(torch_threads)
     ids = prompt_ids(Path(spec["bundle"]), manifest, prof["prompt_tokens"])
@@ -299,7 +284,7 @@ def measure(spec: dict) -> dict:
     engine.reset()
     result["applied"] = {"cpu_affinity": usable_cpus() if hasattr(os, "sched_getaffinity") else None,
                          "threads": threads, **engine.thread_settings(),
-                         "omp_num_threads_at_start": _THREAD_ENV_AT_START["OMP_NUM_THREADS"]}
+                         "thread_env_at_torch_load": env_at_torch_load, "modules_before_profile": loaded_before}
 
     runs = []
     reps, warmup = int(spec["reps"]), int(spec["warmup"])
@@ -329,7 +314,6 @@ def measure(spec: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     spec = json.loads(Path(argv[0]).read_text())
-    from ..errors import FaspError
 
     head = (spec["label"], spec["backend"], spec["profile"]["name"])
     try:

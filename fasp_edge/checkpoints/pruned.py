@@ -21,7 +21,7 @@ from ..errors import ModelLoadError
 from ..fsutil import atomic_output_dir
 from ..models import family_for
 from ..models.base import reshape_layer
-from ..models.loading import save_tokenizer
+from .files import check_finite, save_tokenizer
 
 FORMAT_VERSION = 1
 
@@ -90,8 +90,6 @@ def load_pruned(path: str | os.PathLike) -> torch.nn.Module:
     """Load a pruned checkpoint written by :func:`save_pruned` (float32, CPU, eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import no_init_weights
-
-    from ..models.loading import check_finite
 
     folder = Path(path)
     section = read_fasp_section(folder)

@@ -22,9 +22,11 @@ from types import SimpleNamespace
 
 import torch
 
-from ..errors import ModelLoadError, NonFiniteWeights
+from ..errors import ModelLoadError
 from ..fsutil import atomic_output_dir
-from . import family_for
+from ..models import family_for
+from .files import check_finite, save_tokenizer
+from .pruned import load_pruned
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +73,6 @@ def _quiet_transformers():
 
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*legacy.*")
-
-
-def check_finite(model: torch.nn.Module) -> None:
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise NonFiniteWeights(f"parameter {name} holds NaN or Inf values; the checkpoint is corrupt — "
-                                   "re-download or re-convert it")
 
 
 def _read_config(folder: Path) -> dict:
@@ -154,29 +149,6 @@ def load_tokenizer(where: str, trust_remote_code: bool = False, **kwargs):
                              "tokenizer.json or the tokenizer files of its model") from None
 
 
-def save_tokenizer(tokenizer, folder: Path) -> None:
-    """Save a tokenizer; fast tokenizers as ``tokenizer.json`` only (no large legacy slow-tokenizer files).
-
-    An empty normalizer ``Sequence`` (left by transformers' GGUF tokenizer conversion) is written as
-    ``null``: the two are the same identity map, but ExecuTorch's C++ tokenizer refuses the former.
-    """
-    if getattr(tokenizer, "is_fast", False):
-        tokenizer.save_pretrained(folder, legacy_format=False)
-    else:
-        tokenizer.save_pretrained(folder)
-    path = Path(folder) / "tokenizer.json"
-    if path.is_file():
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        changed = False
-        for key, inner in (("normalizer", "normalizers"), ("pre_tokenizer", "pretokenizers")):
-            part = spec.get(key)
-            if isinstance(part, dict) and part.get("type") == "Sequence" and not part.get(inner):
-                spec[key] = None
-                changed = True
-        if changed:
-            path.write_text(json.dumps(spec, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
 def sentencepiece_file(loaded: "LoadedModel") -> Path | None:
     """The source's SentencePiece ``tokenizer.model``, when it has one (e.g. stories260K).
 
@@ -245,8 +217,6 @@ def load_model(source: str | os.PathLike | None = None, *, gguf_file: str | os.P
         folder = folder.resolve()  # a bundle records it as the PyTorch model it came from, read from any folder
         config = _read_config(folder)
         if "fasp" in config:
-            from ..pipeline.checkpoint import load_pruned
-
             return LoadedModel(load_pruned(folder), load_tokenizer(str(folder)), str(folder))
         if config.get("auto_map") and not trust_remote_code:
             raise ModelLoadError(f"{folder} needs custom code (config.json has auto_map); fasp-edge does "

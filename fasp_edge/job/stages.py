@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .. import __version__
 from ..fsutil import atomic_output_dir
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,6 @@ RECORD = "stage.json"
 
 def fingerprint(settings: dict[str, Any], upstream: list[str] | tuple[str, ...] = ()) -> str:
     """A stable hash of a stage's settings (JSON-able) and the fingerprints of the stages it reads."""
-    from .. import __version__
 
     body = json.dumps({"settings": settings, "upstream": list(upstream), "fasp_edge": __version__},
                       sort_keys=True, separators=(",", ":"), default=str)

@@ -13,9 +13,9 @@ import os
 import time
 from pathlib import Path
 
+from ..artifacts import BY_KEY
 from ..fsutil import atomic_write_text
 from ..runtime_bench.report import _fmt
-from .config import ARTIFACTS
 
 
 def _mb(n: float | None) -> str:
@@ -88,10 +88,14 @@ def _stderr_hint(t: dict) -> str:
 
 def blocks(doc: dict, folder: Path) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"p", text), ("table", header, rows), ("img", path, alt), ("code", text)."""
-    cfg = doc["config"]
     bench = _read_bench(doc, folder)
-    models = doc["models"]
-    dense = next((m for m in models if m["label"] == "dense"), None)
+    return (_head_blocks(doc, bench) + _model_blocks(doc) + _artifact_blocks(doc) + _task_blocks(doc)
+            + _speed_blocks(doc, bench) + _host_blocks(doc, bench) + _stage_blocks(doc, folder))
+
+
+def _head_blocks(doc: dict, bench: dict | None) -> list[tuple]:
+    """Title, what was run, and the summary."""
+    cfg = doc["config"]
     out: list[tuple] = [("h1", f"fasp-edge run: {cfg['name']}")]
     src = cfg["model"]["source"] or (cfg["model"]["gguf_file"] or "SmolLM2-135M-Instruct (embedded default)")
     cal = cfg["calibration"]
@@ -108,8 +112,14 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
     if summary:
         out.append(("h2", "Summary"))
         out += [("p", line) for line in summary]
+    return out
 
-    # ------------------------------------------------------------- models
+
+def _model_blocks(doc: dict) -> list[tuple]:
+    """Models: size and quality."""
+    cfg, models = doc["config"], doc["models"]
+    dense = next((m for m in models if m["label"] == "dense"), None)
+    out: list[tuple] = []
     out.append(("h2", "Models: size and quality"))
     ev = cfg["evaluate"]
     notes = []
@@ -144,8 +154,12 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
     out.append(("table", ["model", "sparsity", "FFN / value widths", "parameters", "non-embedding", "params removed",
                           "non-emb. removed", "weights MB", "perplexity", "top-1 agreement", "mean KL"], rows))
     out += [("p", n) for n in notes]
+    return out
 
-    # ------------------------------------------------------------- artifacts
+
+def _artifact_blocks(doc: dict) -> list[tuple]:
+    """Artifacts: sizes, parity and quality through their own runtimes."""
+    out: list[tuple] = []
     if doc["bundles"]:
         out.append(("h2", "Artifacts"))
         dense_size = {b["artifact"]: b["model_bytes"] for b in doc["bundles"] if b["model"] == "dense"}
@@ -173,10 +187,12 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
                          "decode steps (fp32 artifacts must stay within 1e-4; 4-bit weights change the logits by design). "
                          + "; ".join(f"{a}: {_artifact_words(a)}" for a in dict.fromkeys(b["artifact"] for b in doc["bundles"]))
                          + "."))
+    return out
 
-    out += _task_blocks(doc)
 
-    # ------------------------------------------------------------- speed
+def _speed_blocks(doc: dict, bench: dict | None) -> list[tuple]:
+    """On-device profiles: speed and memory."""
+    out: list[tuple] = []
     if bench:
         out.append(("h2", "On-device profiles: speed and memory"))
         ok = [r for r in bench["results"] if r["status"] == "ok"]
@@ -222,14 +238,24 @@ def blocks(doc: dict, folder: Path) -> list[tuple]:
         out.append(("table", ["profile", "threads", "memory budget MB", "prompt", "generate", "stands for"],
                     [[p["name"], p["threads"], p["memory_budget_mb"], p["prompt_tokens"], p["generate_tokens"],
                       p["description"]] for p in profs.values()]))
+    return out
+
+
+def _host_blocks(doc: dict, bench: dict | None) -> list[tuple]:
+    out: list[tuple] = []
     host = (bench or {}).get("host") or doc.get("host")
     if host:
         out.append(("h2", "Host"))
         out.append(("p", f"{host['cpu_model']}, {host['usable_cpus']} usable of {host['logical_cpus']} logical CPUs, "
                          f"{_fmt(host['memory_total_mb'], 0)} MB memory; {host['os']} ({host['arch']}). "
                          + ", ".join(f"{k} {v}" for k, v in host["versions"].items()) + "."))
+    return out
 
-    # ------------------------------------------------------------- stages and config
+
+def _stage_blocks(doc: dict, folder: Path) -> list[tuple]:
+    """Stages and the configuration to rerun them."""
+    cfg = doc["config"]
+    out: list[tuple] = []
     out.append(("h2", "Stages"))
     out.append(("table", ["stage", "step", "result", "seconds"],
                 [[s["stage"], s["name"], "reused" if s["skipped"] else "built", _fmt(s["seconds"], 1)]
@@ -285,11 +311,8 @@ def _span(dims: list[int] | None) -> str:
 
 
 def _artifact_words(a: str) -> str:
-    fmt, quant = ARTIFACTS[a]
-    runtime = "ExecuTorch, XNNPACK" if fmt == "pte" else "ONNX Runtime"
-    q = {"none": "fp32", "8da4w": "4-bit weights in groups of 32, 8-bit dynamic activations",
-         "int8": "int8 weights"}[quant]
-    return f"{runtime}, {q}"
+    kind = BY_KEY[a]
+    return f"{kind.runtime}, {kind.precision}"
 
 
 def _read_bench(doc: dict, folder: Path) -> dict | None:

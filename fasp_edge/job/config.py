@@ -17,14 +17,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ..artifacts import BY_KEY
 from ..errors import InvalidArgument
-from .allocation import RULES as ALLOCATION_RULES
-from .fasp import HOLDOUT_EVERY, REFIT_PRIORS, SELECTIONS
-from .tasks import TASKS
+from ..pipeline.allocation import RULES as ALLOCATION_RULES
+from ..pipeline.channels import HOLDOUT_EVERY
+from ..pipeline.fasp import REFIT_PRIORS, SELECTIONS
+from ..pipeline.tasks import TASKS
+from ..runtime_bench.profiles import resolve_profiles
 
 DEFAULT_NAME = "run.toml"
-ARTIFACTS = {"pte": ("pte", "none"), "pte-8da4w": ("pte", "8da4w"), "onnx": ("onnx", "none"),
-             "onnx-int8": ("onnx", "int8")}
 STAGES = ("calibrate", "prune", "evaluate", "export", "bench", "report")
 
 
@@ -99,8 +100,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
                  "agreement_samples": ("int", _at_least(0)), "agreement_seqlen": ("int", _at_least(2)),
                  "agreement_seed": ("int", None), "tasks": ("list[str]", _list_of(tuple(TASKS))),
                  "task_limit": ("int", _at_least(0))},
-    "export": {"artifacts": ("list[str]", _list_of(tuple(ARTIFACTS))),
-               "dense_artifacts": ("list[str]", _list_of(tuple(ARTIFACTS))),
+    "export": {"artifacts": ("list[str]", _list_of(tuple(BY_KEY))),
+               "dense_artifacts": ("list[str]", _list_of(tuple(BY_KEY))),
                "max_context": ("int", _at_least(2)), "jobs": ("int", _at_least(1))},
     "bench": {"profiles": ("list[str]", None), "profile_files": ("list[str]", None),
               "backends": ("list[str]", _list_of(("pte", "onnx", "torch"))), "reps": ("int", _at_least(1)),
@@ -318,7 +319,6 @@ def _check(data: dict, origin) -> None:
         if not Path(f).is_file():
             raise ConfigError(f"{origin('bench.profile_files')}: bench.profile_files: {f} does not exist")
     if data["export"]["artifacts"] or data["export"]["dense_artifacts"]:
-        from ..runtime_bench.profiles import resolve_profiles
 
         try:
             resolve_profiles(data["bench"]["profiles"], data["bench"]["profile_files"])

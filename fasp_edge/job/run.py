@@ -33,13 +33,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from ..artifacts import BY_KEY
+from ..checkpoints.loading import default_model_folder, load_model, load_tokenizer
+from ..checkpoints.pruned import load_pruned
 from ..errors import FaspError, InvalidArgument
+from ..export.bundle import QUALITY_SEQLEN, QUALITY_WINDOWS
+from ..export.quantize import DEFAULT_RECIPE
 from ..fsutil import atomic_write_text, sha256_file, state_dict_sha256
+from ..models import family_for
+from ..models.base import count_embedding_parameters, count_parameters
+from ..pipeline.calibration import SELF_SAMPLER, calibration_windows, read_text_file, self_generated_windows
+from ..pipeline.fasp import prune_checkpoint
+from ..pipeline.perplexity import agreement, perplexity
+from ..pipeline.tasks import (StepScorer, TaskTooLong, TorchScorer, check_task_context, data_root, evaluate_tasks,
+                              versions)
 from ..procutil import die_with_parent_fn
-from .calibration import SELF_SAMPLER
-from .config import ARTIFACTS, STAGES, RunConfig, model_label
-from .fasp import DEFAULT_ALLOCATION, DEFAULT_REFIT_PRIOR, DEFAULT_SELECTION
+from ..runtime.bundle import load_bundle
+from ..runtime.engines import open_engine
+from ..runtime_bench.harness import check_backends, run_bench
+from ..runtime_bench.measure import host_facts
+from ..runtime_bench.profiles import resolve_profiles
+from ..runtime_bench.report import write_report
+from .config import STAGES, RunConfig, model_label
+from .report import write_run_report
 from .stages import StageResult, fingerprint, run_stage, sweep_temporaries
 
 log = logging.getLogger("fasp_edge")
@@ -102,7 +120,6 @@ def source_args(cfg: RunConfig) -> tuple[str | None, str | None]:
 
 def load_source(cfg: RunConfig):
     """A fresh copy of the dense source model (pruning changes a model in place)."""
-    from ..models.loading import load_model
 
     source, gguf = source_args(cfg)
     return load_model(source, gguf_file=gguf, trust_remote_code=cfg["model"]["trust_remote_code"])
@@ -177,8 +194,6 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
     if bad:
         raise InvalidArgument(f"--force {bad[0]}: unknown stage; stages are {', '.join(STAGES)}")
     forced = forced_stages(force)
-    from ..runtime_bench.harness import check_backends
-    from ..runtime_bench.profiles import resolve_profiles
 
     # everything a user can get wrong is checked before the first long step (the rest in load_config)
     check_backends(cfg["bench"]["backends"])
@@ -207,11 +222,9 @@ def run(cfg: RunConfig, *, force: list[str] | tuple[str, ...] = (), progress: bo
         bundles = _export(state, [ModelEntry("dense", dense_fp)] + pruned, eval_file, text_fps["evaluate"], calib,
                           heldout)
         _artifact_tasks(state, bundles)
-        from ..runtime_bench.measure import host_facts
 
         host = host_facts()
         bench = _bench(state, bundles, profiles, host)
-        from .run_report import write_run_report
 
         state.announce("report", "report.md, report.html")
         t0 = time.perf_counter()
@@ -258,7 +271,6 @@ def _calibrate(state: RunState, dense_fp: str, calib_file: Path | None, file_fp:
     fp = fingerprint(settings, [dense_fp])
 
     def build(tmp: Path) -> dict:
-        from .calibration import calibration_windows, self_generated_windows
 
         loaded = state.dense()
         if calib_file is not None:
@@ -309,49 +321,10 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
     return out
 
 
-def prune_checkpoint(loaded, out: Path, *, sparsity: float | None, method: str, targets: list[str], align: int,
-                     damp: float | str, device: str, calibration: torch.Tensor | None,
-                     calibration_description: dict | None, overwrite: bool = True, progress: bool = True,
-                     load_seconds: float | None = None, refit_prior: str = DEFAULT_REFIT_PRIOR,
-                     sequential: bool = False, param_reduction: float | None = None,
-                     allocation: str = DEFAULT_ALLOCATION, selection: str = DEFAULT_SELECTION) -> dict:
-    """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``."""
-    from ..models.loading import sentencepiece_file
-    from .checkpoint import fasp_section, save_pruned
-    from .fasp import prune
-
-    source_hash = state_dict_sha256(loaded.model)
-    calib_desc = calibration_description or {"none": "magnitude needs no data"}
-    result = prune(loaded.model, loaded.tokenizer, sparsity=sparsity, param_reduction=param_reduction,
-                   allocation=allocation, method=method, calibration=calibration,
-                   targets=targets, align=align, damp=damp, refit_prior=refit_prior, sequential=sequential,
-                   selection=selection, device=device, progress=progress)
-    report = {"source_model": loaded.source, "source_sha256": source_hash, "calibration": calib_desc,
-              **({"load_seconds": round(load_seconds, 3)} if load_seconds is not None else {}), **result.report()}
-    section = fasp_section(loaded.model, method=method, sparsity=sparsity, extra={
-        "targets": list(result.targets), "align": align, "damp": damp,
-        **({"refit_prior": refit_prior, "selection": result.selection} if method == "fasp" else {}),
-        **({"sequential_statistics": True} if sequential else {}),
-        **({"param_reduction": param_reduction, "allocation": allocation} if param_reduction is not None else {}),
-        "calibration": calib_desc,
-        "source_model": {"name": loaded.source, "sha256": source_hash},
-    })
-    spm = sentencepiece_file(loaded)
-    save_pruned(loaded.model, loaded.tokenizer, out, section, overwrite=overwrite,
-                extra_files={"fasp_report.json": json.dumps(report, indent=2) + "\n"},
-                copy_files={"tokenizer.model": spm} if spm else None)
-    return report
-
-
 # ---------------------------------------------------------------------------------------- evaluate
 def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_file: Path | None,
               file_fp: str | None) -> tuple[list[dict], StageResult | None]:
     """Every model's metrics, and the held-out text stage (None without agreement)."""
-    from ..models import family_for
-    from ..models.base import count_embedding_parameters, count_parameters
-    from .calibration import read_text_file, self_generated_windows
-    from .checkpoint import load_pruned
-    from .perplexity import agreement, perplexity
 
     cfg = state.cfg
     e = cfg["evaluate"]
@@ -394,7 +367,6 @@ def _evaluate(state: RunState, dense_fp: str, pruned: list[ModelEntry], eval_fil
             if heldout is not None and entry.path is not None:
                 res["agreement"] = agreement(loaded.model, model, _windows(heldout), progress=state.progress)
             if e["tasks"]:
-                from .tasks import TorchScorer
 
                 res["tasks"] = _task_scores(cfg, TorchScorer(model), loaded.tokenizer, state.progress)
             (tmp / "metrics.json").write_text(json.dumps(res, indent=1) + "\n")
@@ -418,7 +390,6 @@ TASK_SEED = 0  # the seed of evaluate.task_limit's document subset (run.toml say
 
 
 def _task_settings(cfg: RunConfig) -> dict:
-    from .tasks import versions
 
     e = cfg["evaluate"]
     return {"names": e["tasks"], "limit": e["task_limit"] or None, "seed": TASK_SEED, "versions": versions()}
@@ -429,7 +400,6 @@ def _check_tasks(cfg: RunConfig, tokenizer) -> None:
     e, x = cfg["evaluate"], cfg["export"]
     if not e["tasks"]:
         return
-    from .tasks import TaskTooLong, check_task_context, data_root
 
     data_root()
     if x["artifacts"] or x["dense_artifacts"]:
@@ -444,7 +414,6 @@ def _check_tasks(cfg: RunConfig, tokenizer) -> None:
 
 def _task_scores(cfg: RunConfig, scorer, tokenizer, progress: bool) -> dict:
     """Zero-shot scores as run.json keeps them: per task metrics, and each evaluated document's choice."""
-    from .tasks import evaluate_tasks
 
     t = _task_settings(cfg)
     res = evaluate_tasks(scorer, tokenizer, t["names"], limit=t["limit"], seed=t["seed"], progress=progress)
@@ -460,13 +429,9 @@ def _artifact_tasks(state: RunState, bundles: list[dict]) -> None:
         return
     settings = _task_settings(cfg)
     for b in bundles:
-        fmt = ARTIFACTS[b["artifact"]][0]
+        fmt = BY_KEY[b["artifact"]].format
 
         def build(tmp: Path, b=b, fmt=fmt) -> dict:
-            from ..export.bundle import load_bundle
-            from ..models.loading import load_tokenizer
-            from ..runtime_bench.engines import open_engine
-            from .tasks import StepScorer
 
             bundle = load_bundle(b["path"])
             engine = open_engine(fmt, bundle=bundle)
@@ -485,7 +450,6 @@ def _artifact_tasks(state: RunState, bundles: list[dict]) -> None:
 def _weights_bytes(checkpoint: Path | None, cfg: RunConfig) -> int | None:
     """Size of a model's weight files: a pruned checkpoint's, or the dense source's (folder or GGUF)."""
     if checkpoint is None:
-        from ..models.loading import default_model_folder
 
         source, gguf = source_args(cfg)
         if gguf is not None:
@@ -511,15 +475,41 @@ def heldout_measures_quality(shape: tuple[int, ...] | torch.Size, max_context: i
     """Whether held-out windows of ``shape`` ``[n, T]`` can serve as the exports' quality text: at least
     :data:`~fasp_edge.export.bundle.QUALITY_WINDOWS` windows of ``min(QUALITY_SEQLEN, max_context)`` tokens,
     none longer than the context (a shorter text would measure less than an export measures by itself)."""
-    from ..export.bundle import QUALITY_SEQLEN, QUALITY_WINDOWS
 
     return shape[0] >= QUALITY_WINDOWS and min(QUALITY_SEQLEN, max_context) <= shape[1] <= max_context
 
 
 def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None, quality_fp: str | None,
             calib: StageResult | None = None, heldout: StageResult | None = None) -> list[dict]:
-    from ..export.quantize import DEFAULT_RECIPE
+    """Every model's bundles (the dense references and the pruned ones), each in a child process, two at a time,
+    longest first; a bundle whose inputs did not change is reused."""
+    plan, jobs = _export_plan(state, models, quality_file, quality_fp, calib, heldout)
+    if not jobs:
+        return []
+    listed = list(jobs)  # model by model, for the report
+    jobs.sort(key=lambda j: -BY_KEY[j.artifact].export_cost)  # longest first, so the two slots end together
+    workers = max(1, min(state.cfg["export"]["jobs"], len(jobs)))
+    plan.threads = max(1, (os.cpu_count() or 1) // workers)
+    log.info("    %d exports, %d at a time", len(jobs), workers)
+    results = _run_exports(state, jobs, workers, lambda job, children: _export_one(state, plan, job, children))
+    return [{"label": j.label, "model": j.model.label, "artifact": j.artifact, "path": str(j.folder),
+             "fingerprint": j.fp, **results[j.label].info} for j in listed]
 
+
+@dataclass
+class _ExportPlan:
+    """What every export of a run shares: the quality text or windows, the 4-bit calibration, the context."""
+
+    max_context: int
+    quality_file: Path | None
+    quality_tokens: Path | None
+    calib_windows: Path | None
+    threads: int = 1
+
+
+def _export_plan(state: RunState, models: list[ModelEntry], quality_file: Path | None, quality_fp: str | None,
+                 calib: StageResult | None, heldout: StageResult | None) -> tuple[_ExportPlan, list[_ExportJob]]:
+    """Decide what each artifact is measured and calibrated on, and list the exports with their fingerprints."""
     cfg = state.cfg
     x = cfg["export"]
     # each artifact's quality is measured through its runtime on the evaluation text, else on the held-out text
@@ -537,68 +527,65 @@ def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None
     calib_windows = calib.folder / "windows.pt" if calib is not None else None
     jobs = [_ExportJob(f"{m.label}-{a}", m, a, cfg.folder / "bundles" / f"{m.label}-{a}",
                        fingerprint({"artifact": a, "max_context": x["max_context"], **quality},
-                                   [m.fingerprint] + ([calib.fingerprint] if calib and a == "pte-8da4w" else [])))
+                                   [m.fingerprint] + ([calib.fingerprint] if calib and BY_KEY[a].quant == "8da4w" else [])))
             for m in models for a in (x["dense_artifacts"] if m.path is None else x["artifacts"])]
-    if not jobs:
-        return []
-    # longest first, so the two slots end together (measured alone on SmolLM2-135M: 8da4w ~500-650 s,
-    # fp32 pte ~290 s, onnx ~60-120 s)
-    cost = {"pte-8da4w": 3, "pte": 2, "onnx-int8": 1.5, "onnx": 1}
-    listed = list(jobs)  # model by model, for the report
-    jobs.sort(key=lambda j: -cost[j.artifact])
+    return _ExportPlan(x["max_context"], quality_file, quality_tokens, calib_windows), jobs
+
+
+def _export_one(state: RunState, plan: _ExportPlan, job: _ExportJob, children: "_Children") -> StageResult:
+    """One bundle, by ``fasp-edge export`` in a child process (reused where its fingerprint is unchanged)."""
+    cfg = state.cfg
+    kind = BY_KEY[job.artifact]
+    fmt, quant = kind.format, kind.quant
+
+    def build(tmp: Path) -> dict:
+        if job.model.path is not None:
+            src = [str(job.model.path.resolve())]
+        else:
+            source, gguf = source_args(cfg)
+            src = ([source] if source else []) + (["--gguf-file", gguf] if gguf else [])
+            src += ["--trust-remote-code"] if cfg["model"]["trust_remote_code"] else []
+        work = tmp / "bundle"
+        cmd = [sys.executable, "-m", "fasp_edge.cli", "-q", "export", *src, "--formats", fmt, "--quant", quant,
+               "--max-context", str(plan.max_context), "-o", str(work)]
+        if plan.quality_file:
+            cmd += ["--quality-text", str(plan.quality_file)]
+        elif plan.quality_tokens is not None:
+            cmd += ["--quality-tokens", str(plan.quality_tokens)]
+        if quant == "8da4w" and plan.calib_windows is not None:
+            cmd += ["--calib-windows", str(plan.calib_windows)]
+        log_file = tmp / "export.log"
+        rc = children.run(cmd, _child_env(plan.threads), log_file)
+        if rc != 0:
+            tail = log_file.read_text(errors="replace").strip().splitlines()[-5:] if log_file.exists() else []
+            raise RunError(f"export of {job.label} failed (exit {rc}): " + " / ".join(tail))
+        for f in work.iterdir():
+            os.replace(f, tmp / f.name)
+        work.rmdir()
+        log_file.unlink(missing_ok=True)
+        manifest = json.loads((tmp / "manifest.json").read_text())
+        return {"bytes": sum(f["bytes"] for f in manifest["files"].values()),
+                "model_bytes": sum(rec["bytes"] for n, rec in manifest["files"].items() if n.startswith("model.")),
+                "parity_max_abs_diff": manifest["parity"][fmt]["max_abs_diff"],
+                "greedy_token_agreement": manifest["parity"][fmt]["greedy_token_agreement"],
+                "quality": manifest.get("quality", {}).get(fmt),
+                "export_seconds": manifest["artifacts"][fmt]["export_seconds"]}
+
+    return run_stage(job.label, job.folder, job.fp, build, force="export" in state.force)
+
+
+def _run_exports(state: RunState, jobs: list[_ExportJob], workers: int, one) -> dict[str, StageResult]:
+    """Run ``one(job, children)`` for every job, ``workers`` at a time, with a progress bar of the running ones; a
+    failed export starts no other but lets the running ones finish (and be kept); an interrupt stops them all."""
     children = _Children()
     results: dict[str, StageResult] = {}
-    workers = max(1, min(x["jobs"], len(jobs)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    log.info("    %d exports, %d at a time", len(jobs), workers)
-
-    def one(job: _ExportJob) -> StageResult:
-        fmt, quant = ARTIFACTS[job.artifact]
-
-        def build(tmp: Path) -> dict:
-            if job.model.path is not None:
-                src = [str(job.model.path.resolve())]
-            else:
-                source, gguf = source_args(cfg)
-                src = ([source] if source else []) + (["--gguf-file", gguf] if gguf else [])
-                src += ["--trust-remote-code"] if cfg["model"]["trust_remote_code"] else []
-            work = tmp / "bundle"
-            cmd = [sys.executable, "-m", "fasp_edge.cli", "-q", "export", *src, "--formats", fmt, "--quant", quant,
-                   "--max-context", str(x["max_context"]), "-o", str(work)]
-            if quality_file:
-                cmd += ["--quality-text", str(quality_file)]
-            elif quality_tokens is not None:
-                cmd += ["--quality-tokens", str(quality_tokens)]
-            if quant == "8da4w" and calib_windows is not None:
-                cmd += ["--calib-windows", str(calib_windows)]
-            log_file = tmp / "export.log"
-            rc = children.run(cmd, _child_env(threads), log_file)
-            if rc != 0:
-                tail = log_file.read_text(errors="replace").strip().splitlines()[-5:] if log_file.exists() else []
-                raise RunError(f"export of {job.label} failed (exit {rc}): " + " / ".join(tail))
-            for f in work.iterdir():
-                os.replace(f, tmp / f.name)
-            work.rmdir()
-            log_file.unlink(missing_ok=True)
-            manifest = json.loads((tmp / "manifest.json").read_text())
-            return {"bytes": sum(f["bytes"] for f in manifest["files"].values()),
-                    "model_bytes": sum(rec["bytes"] for n, rec in manifest["files"].items() if n.startswith("model.")),
-                    "parity_max_abs_diff": manifest["parity"][fmt]["max_abs_diff"],
-                    "greedy_token_agreement": manifest["parity"][fmt]["greedy_token_agreement"],
-                    "quality": manifest.get("quality", {}).get(fmt),
-                    "export_seconds": manifest["artifacts"][fmt]["export_seconds"]}
-
-        return run_stage(job.label, job.folder, job.fp, build, force="export" in state.force)
-
-    from tqdm.auto import tqdm
-
     for job in jobs:
         state.announce("export", f"{job.label} ({job.artifact})")
     started: dict[str, float] = {}
 
     def start(job: _ExportJob) -> StageResult:
         started[job.label] = time.time()
-        return one(job)
+        return one(job, children)
 
     bar = tqdm(total=len(jobs), desc="export", unit="bundle", disable=not state.progress, leave=False)
     pool = concurrent.futures.ThreadPoolExecutor(workers)
@@ -638,8 +625,7 @@ def _export(state: RunState, models: list[ModelEntry], quality_file: Path | None
     if errors:
         raise RunError(f"{len(errors)} export(s) failed (the finished ones are kept; run again to retry): "
                        + " | ".join(errors))
-    return [{"label": j.label, "model": j.model.label, "artifact": j.artifact, "path": str(j.folder),
-             "fingerprint": j.fp, **results[j.label].info} for j in listed]
+    return results
 
 
 # ---------------------------------------------------------------------------------------- bench
@@ -654,12 +640,10 @@ def _bench(state: RunState, bundles: list[dict], profiles, host: dict) -> dict |
                      for p in profiles],
         "host": {k: host.get(k) for k in ("cpu_model", "logical_cpus", "usable_cpus", "os", "arch", "versions")}}
     # the dense bundles first: every row is compared with the first dense bundle of its backend
-    order = sorted(bundles, key=lambda x: (x["model"] != "dense", ARTIFACTS[x["artifact"]][1] != "none"))
+    order = sorted(bundles, key=lambda x: (x["model"] != "dense", BY_KEY[x["artifact"]].quant != "none"))
     fp = fingerprint(settings, [x["fingerprint"] for x in order])
 
     def build(tmp: Path) -> dict:
-        from ..runtime_bench.harness import run_bench
-        from ..runtime_bench.report import write_report
 
         doc = run_bench([x["path"] for x in order], profiles, b["backends"], reps=b["reps"], warmup=b["warmup"],
                         rounds=b["rounds"], progress=state.progress, omit_missing=True)
@@ -673,7 +657,7 @@ def _bench(state: RunState, bundles: list[dict], profiles, host: dict) -> dict |
             info["incomplete"] = f"{len(failed)} measurement(s) failed"
         return info
 
-    per_profile = sum(ARTIFACTS[x["artifact"]][0] in b["backends"] for x in order) + (
+    per_profile = sum(BY_KEY[x["artifact"]].format in b["backends"] for x in order) + (
         len({x["model"] for x in order}) if "torch" in b["backends"] else 0)
     res = state.stage("bench", f"{len(order)} bundles on {', '.join(b['backends'])} under {len(profiles)} profile(s) "
                       f"({', '.join(p.name for p in profiles)}): {per_profile * len(profiles)} measurements, "

@@ -13,10 +13,13 @@ from typing import Callable, Protocol
 
 import torch
 
+from ..artifacts import BACKENDS
+from ..checkpoints.loading import load_model
 from ..errors import FaspError, InvalidArgument
-
-BACKENDS = ("pte", "onnx", "torch")
-
+from ..models.decoder import ExportDecoder
+from .bundle import artifact_path, pte_data_path
+from .executorch import PteModel, set_threadpool_size, threadpool_size
+from .onnx import OnnxModel
 
 class BackendUnavailable(FaspError):
     """The runtime library for a backend is not installed or cannot load the artifact."""
@@ -39,7 +42,6 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, model: torch.nn.Module, max_context: int, threads: int | None = None):
-        from ..export.decoder import ExportDecoder
 
         if threads:
             torch.set_num_threads(threads)
@@ -65,20 +67,17 @@ class PteEngine:
 
     def __init__(self, path: Path, max_context: int, threads: int | None = None, data_path: Path | None = None):
         try:
-            from ..export.executorch import PteModel, set_threadpool_size
+            if threads:
+                set_threadpool_size(threads)
+            self.model = PteModel(path, data_path=data_path)
         except ImportError as e:
             raise BackendUnavailable(f"ExecuTorch is not installed ({e}); pip install executorch") from None
-        if threads:
-            set_threadpool_size(threads)
-        self.model = PteModel(path, data_path=data_path)
         self.max_context = max_context
 
     def reset(self) -> None:  # positions restart at 0; the causal mask hides stale cache entries
         pass
 
     def thread_settings(self) -> dict[str, int | bool]:
-        from ..export.executorch import threadpool_size
-
         return {"executorch_threadpool": threadpool_size(), "torch_threads": torch.get_num_threads()}
 
     def step(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
@@ -90,11 +89,10 @@ class OnnxEngine:
 
     def __init__(self, path: Path, max_context: int, threads: int | None = None):
         try:
-            from ..export.onnx import OnnxModel
+            # one inter-op thread: a decoder graph is a chain, parallel branches would only compete for cores
+            self.model = OnnxModel(path, threads=threads, inter_threads=1 if threads else None)
         except ImportError as e:
             raise BackendUnavailable(f"ONNX Runtime is not installed ({e}); pip install onnxruntime") from None
-        # one inter-op thread: a decoder graph is a chain, parallel branches would only compete for cores
-        self.model = OnnxModel(path, threads=threads, inter_threads=1 if threads else None)
         self.max_context = max_context
 
     def reset(self) -> None:
@@ -121,16 +119,24 @@ def open_engine(backend: str, *, bundle=None, model: torch.nn.Module | None = No
     if backend not in bundle.formats:
         raise InvalidArgument(f"{bundle.path} has no {backend} artifact (it has {', '.join(bundle.formats)}); "
                               f"re-export with --formats {backend}")
-    path = bundle.file(bundle.manifest["artifacts"][backend]["file"])
+    return open_artifact(bundle.path, bundle.manifest, backend, threads=threads)
+
+
+def open_artifact(folder: Path, manifest: dict, backend: str, *, threads: int | None = None) -> Engine:
+    """An engine over the ``backend`` (pte, onnx) artifact of the bundle in ``folder`` that ``manifest`` describes
+    (also a reference export's folder with a manifest written for it, e.g. optimum-onnx's)."""
+    path, max_context = artifact_path(folder, manifest, backend), int(manifest["max_context"])
     if backend == "pte":
-        return PteEngine(path, bundle.max_context, threads=threads, data_path=pte_data_path(bundle.path, bundle.manifest))
-    return OnnxEngine(path, bundle.max_context, threads=threads)
+        return PteEngine(path, max_context, threads=threads, data_path=pte_data_path(folder, manifest))
+    return OnnxEngine(path, max_context, threads=threads)
 
 
-def pte_data_path(folder: Path, manifest: dict) -> Path | None:
-    """The ``.ptd`` holding a bundle's ``.pte`` constants, if it has one (fp32 bundles: the tied table once)."""
-    name = manifest["artifacts"]["pte"].get("data_file")
-    return None if name is None else Path(folder) / name
+def open_checkpoint(source: str | None, max_context: int, *, threads: int | None = None):
+    """A torch engine over a PyTorch model folder, pruned checkpoint or hub id (``None``: the embedded default);
+    returns the engine and the loaded model."""
+
+    loaded = load_model(source)
+    return TorchEngine(loaded.model, max_context, threads=threads), loaded
 
 
 @dataclass
