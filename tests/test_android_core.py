@@ -49,6 +49,7 @@ def runner_output(stories_bundles):
     return bundle, runner_generate(bundle, "Once upon a time")
 
 
+@pytest.mark.slow
 def test_executorch_llm_runner_generates_from_the_bundle(runner_output):
     """The C++ runner behind Android's LlmModule loads our .pte with the manifest's tokenizer file."""
     bundle, out = runner_output
@@ -90,6 +91,7 @@ def _tokenizer_cases() -> dict | None:
     return {"tokenizer": {"file": str(folder / "tokenizer.json"), "cases": cases}, "chat": chat}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="no JDK (java) on this machine")
 @pytest.mark.skipif(not KOTLINC.exists(), reason=f"no Kotlin compiler at {KOTLINC} (scripts/setup.sh installs it with npm)")
 def test_kotlin_core_against_the_real_bundle(runner_output, tmp_path):
@@ -127,6 +129,7 @@ def test_kotlin_core_against_the_real_bundle(runner_output, tmp_path):
     assert report.count("PASS ") >= 20, report
 
 
+@pytest.mark.slow
 def test_push_android_prints_adb_commands_for_a_verified_bundle(stories_bundles, tmp_path, capsys, monkeypatch):
     from fasp_edge.cli import main
 

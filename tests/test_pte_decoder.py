@@ -47,6 +47,7 @@ def _export(model: nn.Module, path, **kw) -> tuple[ExportDecoder, dict]:
 
 
 # ---------------------------------------------------------------- the static decoder in eager mode
+@pytest.mark.slow
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "fasp"])
 def test_static_decoder_matches_source_model(any_model, pruned):
     name, build = any_model
@@ -59,6 +60,7 @@ def test_static_decoder_matches_source_model(any_model, pruned):
         assert res["max_abs_diff"] < 1e-4, (name, pad, res)
 
 
+@pytest.mark.slow
 def test_one_stage_at_a_time_equals_the_whole_forward(any_model):
     """embed_window, run_block per block and head_logits (what block-by-block calibration runs) give the logits of
     forward(window, [0]) at every position."""
@@ -115,6 +117,7 @@ def gqa_export(tmp_path_factory):
     return model, decoder, path, info
 
 
+@pytest.mark.slow
 def test_llama_pte_is_delegated_and_matches(gqa_export):
     model, decoder, path, info = gqa_export
     n = len(decoder.blocks)
@@ -128,6 +131,7 @@ def test_llama_pte_is_delegated_and_matches(gqa_export):
     assert _pte_vs_model(model, pte) < 1e-4
 
 
+@pytest.mark.slow
 def test_pruned_llama_pte_matches(tmp_path):
     model = _pruned(MODEL_BUILDERS["mistral"])
     decoder, info = _export(model, tmp_path / "m.pte")
@@ -137,6 +141,7 @@ def test_pruned_llama_pte_matches(tmp_path):
     assert _pte_vs_model(model, PteModel(tmp_path / "m.pte")) < 1e-4
 
 
+@pytest.mark.slow
 def test_pruned_opt_pte_matches(tmp_path):
     """OPT (LayerNorm, learned positions) is not fully delegated, but it exports and matches."""
     model = _pruned(MODEL_BUILDERS["opt-postln-proj"])
@@ -144,6 +149,7 @@ def test_pruned_opt_pte_matches(tmp_path):
     assert _pte_vs_model(model, PteModel(tmp_path / "o.pte")) < 1e-4
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_stories260k_pte_is_delegated_and_matches(tmp_path):
     model = load_model(STORIES).model.eval()
@@ -154,6 +160,7 @@ def test_stories260k_pte_is_delegated_and_matches(tmp_path):
     assert _pte_vs_model(model, PteModel(tmp_path / "s.pte"), prefill=32, steps=16) < 1e-4
 
 
+@pytest.mark.slow
 def test_tied_weights_stored_once_in_ptd(tmp_path):
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -170,6 +177,7 @@ def test_tied_weights_stored_once_in_ptd(tmp_path):
     assert _pte_vs_model(model, PteModel(tmp_path / "ext.pte", data_path=tmp_path / "ext.ptd")) < 1e-4
 
 
+@pytest.mark.slow
 def test_quantized_embedding_exports_and_runs(tmp_path):
     """A torchao int8 nn.Embedding becomes quantized_decomposed::embedding_byte (quant fusion pass)."""
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
@@ -191,6 +199,7 @@ def test_quantized_embedding_exports_and_runs(tmp_path):
     assert (pte.step(seq, 0) - want).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("build,quant", [("llama-gqa", "gptq"), ("opt", None), ("opt", "asymmetric")],
                          ids=["llama-8da4w-gptq", "opt-fp32", "opt-8da4w-asymmetric"])
 def test_lean_lowering_lowers_what_executorchs_own_does(tmp_path, monkeypatch, build, quant):
@@ -259,6 +268,7 @@ class _EdgePassCases(nn.Module):
         return same, scalar, mixed, symbol, x.t()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["same", "scalar", "mixed", "symbol", "t"])
 def test_edge_pass_gates_skip_only_passes_that_change_nothing(case):
     """A gated ExecuTorch edge pass is skipped exactly where running it would leave the graph's operators as
@@ -307,6 +317,7 @@ def test_edge_pass_gates_skip_only_passes_that_change_nothing(case):
         assert not any(ran.values()), ran
 
 
+@pytest.mark.slow
 def test_one_decomposition_pass_falls_back_when_the_partitioner_declines_a_kept_op(tmp_path, monkeypatch):
     """If XNNPACK's filter rejects a node of an op it asks to keep undecomposed, ExecuTorch's own three-pass
     path builds the edge program (the one pass would leave that node undecomposed and undelegated)."""

@@ -138,6 +138,7 @@ def test_cli_refuses_recipe_flags_without_8da4w(tmp_path, capsys):
     assert main(["export", "--formats", "pte", "--keep-8bit", "down_proj", "-o", str(tmp_path / "b")]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_embedding_matches_its_runtime_kernel(bits):
     """Eager rows are the dequantized table; ExecuTorch's embedding_byte / embedding_4bit kernel computes the same."""
@@ -162,6 +163,7 @@ def test_quantized_embedding_matches_its_runtime_kernel(bits):
     assert torch.equal(method.execute([idx])[0], rows)
 
 
+@pytest.mark.slow
 def test_tied_8bit_table_is_stored_once_in_the_ptd(tmp_path):
     """The 8-bit LM head and the 8-bit embedding read one integer table: model.ptd holds it once."""
     from transformers import LlamaConfig, LlamaForCausalLM

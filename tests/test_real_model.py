@@ -14,6 +14,7 @@ from fasp_edge.pipeline.calibration import calibration_windows
 from .conftest import STORIES, TINYSTORIES, requires_shared
 
 
+@pytest.mark.slow
 @requires_shared(STORIES, TINYSTORIES)
 def test_prune_stories260k_at_0_3():
     text = TINYSTORIES.read_text()
@@ -48,6 +49,7 @@ def test_prune_stories260k_at_0_3():
     assert ppl["fasp"] < ppl["magnitude"] / 2
 
 
+@pytest.mark.slow
 @requires_shared(STORIES, TINYSTORIES)
 def test_param_reduction_on_stories260k_meets_the_budget_with_uneven_layers():
     loaded = load_model(STORIES)

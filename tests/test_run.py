@@ -132,6 +132,7 @@ def resumed_run(tmp_path_factory):
     return folder, json.loads((folder / "run.json").read_text()), killed, res.stderr, cfg
 
 
+@pytest.mark.slow
 def test_a_kill_mid_export_leaves_no_partial_bundle(resumed_run):
     folder, _, killed, _, _ = resumed_run
     assert killed["children_gone"], "export children outlived the killed run"
@@ -142,6 +143,7 @@ def test_a_kill_mid_export_leaves_no_partial_bundle(resumed_run):
     assert {"calibration", "pruned", "evaluate", "heldout"} <= set(killed["stages_before"])
 
 
+@pytest.mark.slow
 def test_resume_redoes_only_what_was_not_finished(resumed_run):
     folder, doc, killed, stderr, _ = resumed_run
     by_stage: dict[str, list[dict]] = {}
@@ -161,6 +163,7 @@ def test_resume_redoes_only_what_was_not_finished(resumed_run):
     assert re.search(r"\[\d+/\d+\] prune fasp-0\.3", stderr) and "up to date, skipped" in stderr  # progress per stage
 
 
+@pytest.mark.slow
 def test_report_has_every_part(resumed_run):
     folder, doc, _, _, cfg = resumed_run
     md = (folder / "report.md").read_text()
@@ -200,6 +203,7 @@ def test_report_has_every_part(resumed_run):
     assert 'profile_files = ["' + str(cfg.parent / "tiny-profile.toml") in (folder / "config.toml").read_text()
 
 
+@pytest.mark.slow
 def test_rerun_with_nothing_changed_reuses_every_stage(resumed_run):
     folder, _, _, _, cfg = resumed_run
     before = {p: p.stat().st_mtime_ns for p in (folder / "bundles").rglob("*")}
@@ -211,6 +215,7 @@ def test_rerun_with_nothing_changed_reuses_every_stage(resumed_run):
     assert before == {p: p.stat().st_mtime_ns for p in (folder / "bundles").rglob("*")}
 
 
+@pytest.mark.slow
 def test_ctrl_c_mid_export_stops_cleanly(tmp_path):
     cfg = _config(tmp_path, "interrupted")
     folder = tmp_path / "runs" / "interrupted"
@@ -227,6 +232,7 @@ def test_ctrl_c_mid_export_stops_cleanly(tmp_path):
     assert not (bundles.exists() and [p for p in bundles.iterdir() if not p.name.startswith(".")])
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_a_run_prunes_to_a_parameter_budget(tmp_path):
     cfg = tmp_path / "budget.toml"

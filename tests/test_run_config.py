@@ -170,6 +170,7 @@ def test_refit_settings_reach_the_config_and_are_checked_together():
         load_config(None, ["calibration.nsamples=3"])
 
 
+@pytest.mark.slow
 def test_tasks_are_off_by_default_and_a_too_long_request_stops_the_run_before_any_export():
     from fasp_edge.job.run import RunError, _check_tasks
 

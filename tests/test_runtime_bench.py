@@ -108,6 +108,7 @@ def test_torch_pool_is_sized_in_the_childs_starting_environment():
 
 
 # ---------------------------------------------------------------- the measurement (points 2, 3)
+@pytest.mark.slow
 @requires_shared(STORIES)
 @pytest.mark.parametrize("backend", ["pte", "onnx", "torch"])
 def test_threads_are_applied_inside_the_child(stories_bundles, backend):
@@ -127,6 +128,7 @@ def test_threads_are_applied_inside_the_child(stories_bundles, backend):
         assert (applied["ort_intra_op_threads"], applied["ort_inter_op_threads"], applied["ort_spinning"]) == (1, 1, False)
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_the_child_applies_its_profile_before_torch_loads(stories_bundles, monkeypatch):
     """Started with no thread variable at all, the measuring child sets them itself before torch loads: nothing
@@ -145,6 +147,7 @@ def test_the_child_applies_its_profile_before_torch_loads(stories_bundles, monke
     assert not any("when torch loaded" in n for n in res["not_applied"])
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_more_threads_than_cpus_is_recorded_not_hidden(stories_bundles):
     target = load_targets([str(stories_bundles["dense"][0])])[0]
@@ -167,6 +170,7 @@ def bench_doc(stories_bundles, tmp_path_factory):
     return doc, out
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_every_backend_gives_every_metric(bench_doc):
     doc, _ = bench_doc
@@ -185,6 +189,7 @@ def test_every_backend_gives_every_metric(bench_doc):
     assert host["versions"] == library_versions()  # what is installed, from the one list manifests record too
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_pruned_rows_are_compared_with_the_dense_bundle(bench_doc):
     doc, _ = bench_doc
@@ -201,6 +206,7 @@ def test_pruned_rows_are_compared_with_the_dense_bundle(bench_doc):
         assert v["size_ratio"] < 0.95  # FASP-0.3 artifacts are smaller
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_memory_budget_is_a_verdict_not_a_crash(bench_doc):
     doc, _ = bench_doc
@@ -208,6 +214,7 @@ def test_memory_budget_is_a_verdict_not_a_crash(bench_doc):
     assert verdicts == {"tiny": "within budget", "small": "over budget"}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the inherited high-water mark is a Linux exec trait")
 def test_peak_memory_is_the_measuring_process_own_not_its_parents():
     """ru_maxrss survives exec: a measurement started from a big process (`fasp-edge run` after pruning) once
@@ -221,6 +228,7 @@ def test_peak_memory_is_the_measuring_process_own_not_its_parents():
     del big
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_json_follows_the_documented_schema_and_plots_are_written(bench_doc):
     doc, out = bench_doc
@@ -240,6 +248,7 @@ def test_json_follows_the_documented_schema_and_plots_are_written(bench_doc):
 
 
 # ---------------------------------------------------------------- optimum's ONNX export as the reference
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_optimum_onnx_export_is_measured_as_the_reference(stories_bundles, tmp_path):
     out = tmp_path / "optimum"
@@ -278,6 +287,7 @@ def _run_cli(args: list[str], env: dict | None = None) -> subprocess.CompletedPr
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 @pytest.mark.parametrize("args, message", [
     (["--backends", "tflite"], "unknown backend tflite; choose from pte, onnx, torch"),
@@ -289,6 +299,7 @@ def test_unknown_backend_or_profile(stories_bundles, tmp_path, args, message):
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_damaged_bundle_is_refused_before_measuring(stories_bundles, tmp_path):
     bad = tmp_path / "bad"
@@ -303,6 +314,7 @@ def test_damaged_bundle_is_refused_before_measuring(stories_bundles, tmp_path):
     assert not (tmp_path / "res").exists()
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_missing_backend_library_is_skipped_and_others_run(stories_bundles, tmp_path):
     fake = tmp_path / "fake"
@@ -319,6 +331,7 @@ def test_missing_backend_library_is_skipped_and_others_run(stories_bundles, tmp_
     assert "onnxruntime cannot be imported" in (tmp_path / "res" / "bench.md").read_text()
 
 
+@pytest.mark.slow
 @requires_shared(STORIES)
 def test_torch_backend_refuses_a_different_model(stories_bundles, tmp_path):
     target = load_targets([str(stories_bundles["fasp"][0])])[0]

