@@ -351,7 +351,7 @@ def input_grams(run, inputs, linears: dict[str, nn.Linear], progress: bool = Fal
                 desc: str = "calibration statistics") -> dict[str, torch.Tensor]:
     """``XᵀX`` (float64, :class:`~fasp_edge.pipeline.stats.InputStatistics`) of the input of each Linear in
     ``linears`` while ``run(x)`` is called on each ``x`` of ``inputs`` (e.g. a block of an
-    :class:`~.decoder.ExportDecoder` on its input hidden states). Linears that read one tensor (the
+    :class:`~fasp_edge.models.decoder.ExportDecoder` on its input hidden states). Linears that read one tensor (the
     :data:`SIBLINGS`: q/k/v, gate/up) get the same matrix object. Each call of ``run`` stops as soon as every
     Linear's input is recorded: a block's statistics for q/o/gate/up skip its three MLP products."""
     from tqdm.auto import tqdm
@@ -490,7 +490,7 @@ def smooth(pairs: list[_Pair], grams: dict[int, torch.Tensor]) -> list[float]:
 @torch.no_grad()
 def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, progress: bool = False,
                     eight: set[str] = frozenset()) -> dict:
-    """Quantize the Linears ``fqns`` of ``decoder`` (an :class:`~.decoder.ExportDecoder`, static cache) to
+    """Quantize the Linears ``fqns`` of ``decoder`` (an :class:`~fasp_edge.models.decoder.ExportDecoder`, static cache) to
     symmetric 4-bit groups by calibration on ``windows [n, T]``: smoothing (:func:`smooth`) then GPTQ
     (:func:`gptq_4bit`) on the Gram matrices of their inputs. The Linears ``eight`` of a block (8-bit
     per-channel weights) are smoothed with it and quantized right after its 4-bit ones, so later blocks are

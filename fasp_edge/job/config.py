@@ -17,11 +17,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..artifacts import BY_KEY
+from ..artifacts import BACKENDS, BY_KEY
 from ..errors import InvalidArgument
 from ..pipeline.allocation import RULES as ALLOCATION_RULES
 from ..pipeline.channels import HOLDOUT_EVERY
 from ..pipeline.fasp import REFIT_PRIORS, SELECTIONS
+from ..pipeline.options import TARGETS
 from ..pipeline.tasks import TASKS
 from ..runtime_bench.profiles import resolve_profiles
 
@@ -89,7 +90,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
               "sparsities": ("list[number]", _fractions("sparsity")),
               "param_reductions": ("list[number]", _fractions("parameter reduction")),
               "allocation": ("str", _choice(ALLOCATION_RULES)),
-              "targets": ("list[str]", lambda v: _non_empty(v) or _list_of(("mlp", "attn"))(v)),
+              "targets": ("list[str]", lambda v: _non_empty(v) or _list_of(TARGETS)(v)),
               "align": ("int", _power_of_two),
               "damp": ("damp", lambda v: None if v == "auto" or v >= 0 else "must be >= 0 or \"auto\""),
               "refit_prior": ("str", _choice(REFIT_PRIORS)), "selection": ("str", _choice(SELECTIONS)),
@@ -104,7 +105,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Any]]] = {
                "dense_artifacts": ("list[str]", _list_of(tuple(BY_KEY))),
                "max_context": ("int", _at_least(2)), "jobs": ("int", _at_least(1))},
     "bench": {"profiles": ("list[str]", None), "profile_files": ("list[str]", None),
-              "backends": ("list[str]", _list_of(("pte", "onnx", "torch"))), "reps": ("int", _at_least(1)),
+              "backends": ("list[str]", _list_of(BACKENDS)), "reps": ("int", _at_least(1)),
               "warmup": ("int", _at_least(0)), "rounds": ("int", _at_least(1))},
 }
 

@@ -12,7 +12,7 @@ shapes; its value comes from the unpruned model's calibration statistics, gather
   output error per removed parameter across pairs.
 
 - ``error``: the measured reconstruction-error curve of the pair. Greedy OBS removes the pair's units one at a
-  time (:func:`~.fasp.obs_curve`, on the Gram matrix of the pair's inputs, each token scaled by ``1 / rms`` of the
+  time (:func:`~.channels.obs_curve`, on the Gram matrix of the pair's inputs, each token scaled by ``1 / rms`` of the
   residual stream entering the layer, with the damped refit of what is kept), and a unit's value is the rise of
   that relative output error when it goes (made non-decreasing along the removal order), per parameter it
   costs: the threshold then spends the budget where the refit model loses least, relative to the stream each

@@ -6,6 +6,7 @@ position; :func:`generate` drives any engine (greedy, or sampled with a seed) an
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,18 +61,22 @@ class TorchEngine:
         return self.decoder(tokens.reshape(1, -1), torch.tensor([start]))[0]
 
 
+def _require(module: str, what: str, package: str) -> None:
+    """Refuse a backend whose runtime library is not installed (a broken install still raises its own error)."""
+    if importlib.util.find_spec(module) is None:
+        raise BackendUnavailable(f"{what} is not installed; pip install {package}")
+
+
 class PteEngine:
     """ExecuTorch (XNNPACK) through ``executorch.runtime``; ``threads`` sizes its (process-wide) thread pool."""
 
     name = "pte"
 
     def __init__(self, path: Path, max_context: int, threads: int | None = None, data_path: Path | None = None):
-        try:
-            if threads:
-                set_threadpool_size(threads)
-            self.model = PteModel(path, data_path=data_path)
-        except ImportError as e:
-            raise BackendUnavailable(f"ExecuTorch is not installed ({e}); pip install executorch") from None
+        _require("executorch", "ExecuTorch", "executorch")
+        if threads:
+            set_threadpool_size(threads)
+        self.model = PteModel(path, data_path=data_path)
         self.max_context = max_context
 
     def reset(self) -> None:  # positions restart at 0; the causal mask hides stale cache entries
@@ -88,11 +93,9 @@ class OnnxEngine:
     name = "onnx"
 
     def __init__(self, path: Path, max_context: int, threads: int | None = None):
-        try:
-            # one inter-op thread: a decoder graph is a chain, parallel branches would only compete for cores
-            self.model = OnnxModel(path, threads=threads, inter_threads=1 if threads else None)
-        except ImportError as e:
-            raise BackendUnavailable(f"ONNX Runtime is not installed ({e}); pip install onnxruntime") from None
+        _require("onnxruntime", "ONNX Runtime", "onnxruntime")
+        # one inter-op thread: a decoder graph is a chain, parallel branches would only compete for cores
+        self.model = OnnxModel(path, threads=threads, inter_threads=1 if threads else None)
         self.max_context = max_context
 
     def reset(self) -> None:

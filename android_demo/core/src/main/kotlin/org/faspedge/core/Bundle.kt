@@ -3,7 +3,7 @@ package org.faspedge.core
 import java.io.File
 import java.security.MessageDigest
 
-/** Bundle format versions this app reads (fasp_edge/export/bundle.py: BUNDLE_FORMAT_VERSION). */
+/** Bundle format versions this app reads (fasp_edge/runtime/bundle.py: BUNDLE_FORMAT_VERSION). */
 const val SUPPORTED_FORMAT_VERSION = 1
 
 /** A bundle the app cannot use, with a message to show on screen as it is. */
