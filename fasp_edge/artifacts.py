@@ -38,16 +38,3 @@ FORMATS: tuple[str, ...] = tuple(dict.fromkeys(k.format for k in KINDS))  #: ("p
 QUANTS: dict[str, tuple[str, ...]] = {q: tuple(k.format for k in KINDS if k.quant == q)
                                       for q in dict.fromkeys(k.quant for k in KINDS)}  #: quant -> formats
 BACKENDS: tuple[str, ...] = (*FORMATS, "torch")  #: what a runtime engine runs: an artifact format, or PyTorch
-
-
-def kind(fmt: str, quant: str) -> ArtifactKind:
-    """The kind of a ``fmt`` artifact quantized ``quant`` (KeyError-free: an unknown pair raises ValueError)."""
-    for k in KINDS:
-        if k.format == fmt and k.quant == quant:
-            return k
-    raise ValueError(f"no artifact kind is {fmt} with --quant {quant}; kinds: {', '.join(BY_KEY)}")
-
-
-def precision_words(quant: str) -> str:
-    """A report's words for the precision of ``quant`` (the same for every format that has it)."""
-    return next(k.precision for k in KINDS if k.quant == quant)

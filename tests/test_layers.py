@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from fasp_edge.runtime_bench.measure import HEAVY_MODULES
+
 PACKAGE = Path(__file__).resolve().parents[1] / "fasp_edge"
 
 #: bottom to top; a module may import only from its own layer or the layers below it
@@ -35,7 +37,7 @@ LAYERS = [
 #: measuring child must apply its profile before anything that loads torch
 DEFERRED_IMPORTS = {"fasp_edge.cli", "fasp_edge.runtime_bench.measure"}
 
-HEAVY = ("torch", "numpy", "transformers", "executorch", "onnxruntime", "onnx", "torchao", "tokenizers", "psutil")
+HEAVY = (*HEAVY_MODULES, "psutil")
 
 
 def _modules() -> dict[str, Path]:

@@ -50,7 +50,7 @@ from ..pipeline.perplexity import agreement, perplexity
 from ..pipeline.tasks import (StepScorer, TaskTooLong, TorchScorer, check_task_context, data_root, evaluate_tasks,
                               versions)
 from ..procutil import die_with_parent_fn
-from ..runtime.bundle import load_bundle
+from ..runtime.bundle import artifact_bytes, load_bundle
 from ..runtime.engines import open_engine
 from ..runtime_bench.harness import check_backends, run_bench
 from ..runtime_bench.measure import host_facts
@@ -565,7 +565,7 @@ def _export_one(state: RunState, plan: _ExportPlan, job: _ExportJob, children: "
         log_file.unlink(missing_ok=True)
         manifest = json.loads((tmp / "manifest.json").read_text())
         return {"bytes": sum(f["bytes"] for f in manifest["files"].values()),
-                "model_bytes": sum(rec["bytes"] for n, rec in manifest["files"].items() if n.startswith("model.")),
+                "model_bytes": artifact_bytes(manifest, fmt),
                 "parity_max_abs_diff": manifest["parity"][fmt]["max_abs_diff"],
                 "greedy_token_agreement": manifest["parity"][fmt]["greedy_token_agreement"],
                 "quality": manifest.get("quality", {}).get(fmt),
