@@ -1,6 +1,7 @@
 """Export benchmark: SmolLM2-135M-Instruct (dequantized Q4_1) dense and FASP-0.3 (``--align 32``: every pruned
 width fits the 4-bit groups), each as ExecuTorch fp32, ExecuTorch 8da4w (the default recipe, calibrated symmetric
-groups, calibrated on WikiText-2 validation; and the asymmetric one, `--qparams asymmetric`) and ONNX fp32 bundles:
+groups, calibrated on WikiText-2 validation; and the asymmetric one, `--qparams asymmetric`), ONNX fp32 and ONNX
+4-bit (``--quant 4bit``, calibrated on WikiText-2 validation) bundles:
 export seconds, file sizes, delegate partitions, parity, and the quality of each artifact measured through its own
 runtime (4 windows x 512 tokens of WikiText-2 test, teacher-forced, against the PyTorch model it was made from).
 
@@ -9,7 +10,8 @@ runtime (4 windows x 512 tokens of WikiText-2 test, teacher-forced, against the 
 Pruned checkpoints are made (or reused) under out/: calibration 128 x 512 tokens of WikiText-2
 validation, seed 0. Writes benchmarks/results/export.json and export.md, with the figures of the export
 that landed before the delegated decoder (issue 11) beside them, and checks the bars: dense 8da4w model files
-<= 110 MB, dense fp32 <= 560 MB, 8da4w perplexity within 1.10x of the fp32 PyTorch model.
+<= 110 MB, dense fp32 <= 560 MB, 8da4w and ONNX 4-bit perplexity within 1.10x of the fp32 PyTorch model, dense
+ONNX 4-bit model files <= 0.30x the fp32 ONNX ones.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ FE = [sys.executable, "-m", "fasp_edge.cli", "--quiet"]
 #: (bundle suffix, format, quant, extra export flags): pte-8da4w is the default recipe (calibrated symmetric groups),
 #: calibrated on WikiText-2 validation (never the test text); pte-8da4w-asym the asymmetric one
 VARIANTS = [("pte-fp32", "pte", "none", []), ("pte-8da4w", "pte", "8da4w", ["--calib-text", str(CALIB)]),
-            ("pte-8da4w-asym", "pte", "8da4w", ["--qparams", "asymmetric"]), ("onnx-fp32", "onnx", "none", [])]
+            ("pte-8da4w-asym", "pte", "8da4w", ["--qparams", "asymmetric"]), ("onnx-fp32", "onnx", "none", []),
+            ("onnx-4bit", "onnx", "4bit", ["--calib-text", str(CALIB)])]
 
 
 def run(cmd: list[str]) -> float:
@@ -94,10 +97,12 @@ def main() -> None:
     for v in ("pte-8da4w", "pte-8da4w-asym"):
         if ("dense", v) in size:
             bars[f"dense_{v.replace('-', '_')}_model_mb (bar 110)"] = size[("dense", v)] / 1e6
+    if ("dense", "onnx-4bit") in size and ("dense", "onnx-fp32") in size:
+        bars["dense_onnx_4bit_model_bytes_vs_onnx_fp32 (bar 0.30)"] = size[("dense", "onnx-4bit")] / size[("dense", "onnx-fp32")]
     if ("dense", "pte-fp32") in size:
         bars["dense_pte_fp32_model_mb (bar 560)"] = size[("dense", "pte-fp32")] / 1e6
     for r in rows:
-        if r["quant"] == "8da4w" and r["quality"]:
+        if r["quant"] in ("8da4w", "4bit") and r["quality"]:
             bars[f"{r['model']}_{r['variant'].replace('-', '_')}_perplexity_ratio (bar 1.10)"] = r["quality"]["perplexity_ratio"]
     result = {"command": "python benchmarks/export.py " + " ".join(sys.argv[1:]), "max_context": args.max_context,
               "rows": rows, "bars": bars}

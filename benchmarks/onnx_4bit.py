@@ -1,134 +1,152 @@
-"""ONNX Runtime's 4-bit weights (``MatMulNBits``) on our SmolLM2 ONNX export: size, quality and decode speed per
-quantizer setting, against the fp32 graph, in one run (groundwork for issue 15, point 1: the setting is to be
-chosen by measured quality).
+"""The 4-bit ONNX artifact (``--quant 4bit``): SmolLM2-135M-Instruct (dequantized Q4_1) dense and FASP-0.3
+(``--align 32``) as fp32 and 4-bit ONNX bundles, their quality through ONNX Runtime on WikiText-2 test, then
+``fasp-edge bench`` of the four under the hub profile (and phone-mid), in one run, with issue 15's bars:
 
-    .venv/bin/python benchmarks/onnx_4bit.py            # ~10 min on 2 cores
+  - dense 4-bit ONNX model files <= 0.30x the fp32 ONNX model files;
+  - dense 4-bit decode >= 1.5x dense fp32 decode (hub, same run);
+  - FASP-0.3 4-bit decode >= 1.15x dense 4-bit decode (hub, same run: like with like);
+  - the dense 4-bit ONNX fits the hub's model memory budget (512 MB);
+  - dense and FASP-0.3 4-bit perplexity within 1.10x of their fp32 PyTorch models (WikiText-2 test, 4 x 512 tokens,
+    teacher-forced through ONNX Runtime; what each bundle's manifest records).
 
-Exports the dense SmolLM2-135M-Instruct (dequantized Q4_1) fp32 ONNX bundle once (``out/bundles/smollm2-dense-onnx``),
-then quantizes its ``MatMul`` weights with ``onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer``
-(the settings in ``SETTINGS``: ONNX Runtime's default blockwise min/max grid, asymmetric or symmetric, and HQQ;
-block sizes; ``accuracy_level`` 4 = int8 activations on CPU, 0 = fp32). Each graph is measured through ONNX Runtime:
+    .venv/bin/python benchmarks/onnx_4bit.py        # ~35 min on 2 cores (exports, then the bench); run it alone
 
-- model files: ``model.onnx`` + its external data, MB;
-- quality: teacher-forced, one token per call, on the first 4 windows of 512 tokens of WikiText-2 **validation**
-  (choices are made on validation text, never on test): perplexity ratio and top-1 agreement against the PyTorch
-  model (``fasp_edge.export.bundle.artifact_quality``, what a bundle's manifest records);
-- decode tokens/s: 2 threads (the hub profile's), a 32-token prompt then 64 tokens, 5 generations per graph,
-  the graphs interleaved round by round in one process; median.
-
-Caveat: the default model's weights are dequantized Q4_1 (asymmetric blocks of 32 with float offsets), so a grid with
-float zero points and blocks of 32 along the same axis (HQQ here) can hold them almost exactly; a FASP-pruned model,
-whose refit weights are off that grid, is the fair test of a setting's quality.
-
-Writes benchmarks/results/onnx-4bit.{json,md}.
+The 4-bit bundles are calibrated on WikiText-2 validation (``--calib-text``), never on the test text. The FASP-0.3
+checkpoint is benchmarks/export.py's (out/smollm2-fasp30-a32: 128 x 512 tokens of WikiText-2 validation, seed 0),
+made here if absent. Bundles land in bundles/smollm2-{dense,fasp30}-onnx-{fp32,4bit} and are reused with --reuse.
+Writes benchmarks/results/onnx-4bit.{json,md} and the bench report under benchmarks/results/onnx-4bit-bench/.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
-import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FASP_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
-VALID = DATA / "wikitext2" / "wiki.valid.tokens"
-OUT = REPO / "out" / "onnx-4bit"
-BUNDLE = REPO / "out" / "bundles" / "smollm2-dense-onnx"
-RESULTS = REPO / "benchmarks" / "results"
-
-#: name -> MatMulNBitsQuantizer settings
-SETTINGS = {
-    "default-asym-b32-acc4": {"algo": "default", "block": 32, "symmetric": False, "accuracy_level": 4},
-    "default-sym-b32-acc4": {"algo": "default", "block": 32, "symmetric": True, "accuracy_level": 4},
-    "default-asym-b128-acc4": {"algo": "default", "block": 128, "symmetric": False, "accuracy_level": 4},
-    "default-asym-b32-acc0": {"algo": "default", "block": 32, "symmetric": False, "accuracy_level": 0},
-    "hqq-b32-acc4": {"algo": "hqq", "block": 32, "symmetric": False, "accuracy_level": 4},
-}
+CALIB = DATA / "wikitext2" / "wiki.valid.tokens"
+TEST = DATA / "wikitext2" / "wiki.test.joined.txt"
+FE = [sys.executable, "-m", "fasp_edge.cli"]
+MODELS = ("dense", "fasp30")
+VARIANTS = {"onnx-fp32": ["--quant", "none"], "onnx-4bit": ["--quant", "4bit", "--calib-text", str(CALIB)]}
+BARS = {"dense_4bit_size_vs_fp32": ("<=", 0.30), "dense_4bit_decode_vs_fp32_hub": (">=", 1.5),
+        "fasp30_4bit_decode_vs_dense_4bit_hub": (">=", 1.15), "dense_4bit_fits_hub_budget": ("==", True),
+        "dense_4bit_perplexity_ratio": ("<=", 1.10), "fasp30_4bit_perplexity_ratio": ("<=", 1.10)}
 
 
-def quantize(src: Path, dst: Path, s: dict) -> float:
-    import onnx
-    from onnxruntime.quantization import matmul_nbits_quantizer as mq
-
+def run(cmd: list[str]) -> float:
+    print(" ".join(cmd[2:]), file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    model = onnx.load(str(src))
-    cfg = None
-    if s["algo"] == "hqq":
-        cfg = mq.HQQWeightOnlyQuantConfig(block_size=s["block"], bits=4)
-    q = mq.MatMulNBitsQuantizer(model, bits=4, block_size=s["block"], is_symmetric=s["symmetric"],
-                                accuracy_level=s["accuracy_level"], algo_config=cfg)
-    q.process()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    q.model.save_model_to_file(str(dst), use_external_data_format=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"onnx_4bit.py: {' '.join(cmd[2:])} failed (exit {proc.returncode})")
     return time.perf_counter() - t0
 
 
-def files_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.name.startswith(path.name)) / 1e6
+def model_bytes(manifest: dict) -> int:
+    return sum(f["bytes"] for n, f in manifest["files"].items() if n.startswith("model."))
 
 
-def main() -> int:
-    import torch
+def holds(value, rule: tuple[str, object]) -> bool | None:
+    op, bar = rule
+    if value is None:
+        return None
+    return value <= bar if op == "<=" else value >= bar if op == ">=" else value == bar
 
-    from fasp_edge import export_bundle, load_model
-    from fasp_edge.export.bundle import artifact_quality, quality_windows
-    from fasp_edge.pipeline.calibration import read_text_file
-    from fasp_edge.runtime.bundle import load_bundle
-    from fasp_edge.runtime.engines import OnnxEngine, generate
 
-    loaded = load_model()
-    if not (BUNDLE / "manifest.json").is_file():
-        export_bundle(loaded, BUNDLE, formats=["onnx"], max_context=512, quality_windows_count=0, overwrite=True)
-    bundle = load_bundle(BUNDLE)
-    graphs = {"fp32": BUNDLE / "model.onnx"}
-    rows: dict[str, dict] = {"fp32": {"setting": None, "quantize_s": None}}
-    for name, s in SETTINGS.items():
-        dst = OUT / name / "model.onnx"
-        secs = None if dst.is_file() else quantize(graphs["fp32"], dst, s)
-        graphs[name] = dst
-        rows[name] = {"setting": s, "quantize_s": None if secs is None else round(secs, 1)}
-        print(f"{name}: quantized" + ("" if secs is None else f" in {secs:.0f} s"), file=sys.stderr, flush=True)
-    windows, source = quality_windows(loaded, text=read_text_file(str(VALID)), windows=4, seqlen=512, progress=False)
-    for name, path in graphs.items():
-        engine = OnnxEngine(path, 512, threads=2)
-        rows[name]["model_mb"] = round(files_mb(path), 1)
-        rows[name]["quality"] = artifact_quality(loaded.model, engine.step, windows, progress=False)
-        print(f"{name}: {rows[name]['model_mb']} MB, perplexity x{rows[name]['quality']['perplexity_ratio']:.3f}",
-              file=sys.stderr, flush=True)
-    torch.set_num_threads(1)
-    engines = {name: OnnxEngine(path, 512, threads=2) for name, path in graphs.items()}
-    prompt = loaded.tokenizer(read_text_file(str(VALID))[:2000], add_special_tokens=False).input_ids[:32]
-    speeds: dict[str, list[float]] = {name: [] for name in graphs}
-    for _ in range(5):
-        for name, engine in engines.items():
-            speeds[name].append(generate(engine, prompt, 64).decode_tokens_per_s)
-    for name in graphs:
-        rows[name]["decode_tokens_per_s"] = round(statistics.median(speeds[name]), 1)
-        rows[name]["decode_runs"] = [round(v, 1) for v in speeds[name]]
-    fp32 = rows["fp32"]
-    doc = {"model": loaded.source, "bundle": str(BUNDLE.relative_to(REPO)), "quality_text": source,
-           "decode": "2 ONNX Runtime threads, 32-token prompt, 64 tokens, median of 5 interleaved generations",
-           "versions": bundle.manifest["versions"], "rows": rows}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "onnx-4bit.json").write_text(json.dumps(doc, indent=2) + "\n")
-    lines = ["# ONNX Runtime 4-bit weights (MatMulNBits) on SmolLM2-135M-Instruct (dequantized Q4_1)", "",
-             "`.venv/bin/python benchmarks/onnx_4bit.py`. Quality: teacher-forced through ONNX Runtime on 4 x 512 "
-             "tokens of WikiText-2 validation, against the PyTorch fp32 model. Decode: 2 threads, 32-token prompt, "
-             "64 tokens, median of 5 generations, every graph in one process, interleaved.", "",
-             "| graph | model MB | size / fp32 | perplexity ratio | top-1 agreement | decode tok/s | decode / fp32 |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in rows.items():
-        q = r["quality"]
-        lines.append(f"| {name} | {r['model_mb']} | {r['model_mb'] / fp32['model_mb']:.2f} | "
-                     f"{q['perplexity_ratio']:.3f} | {q['top1_agreement']:.3f} | {r['decode_tokens_per_s']} | "
-                     f"{r['decode_tokens_per_s'] / fp32['decode_tokens_per_s']:.2f} |")
-    (RESULTS / "onnx-4bit.md").write_text("\n".join(lines) + "\n")
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundles", default=str(REPO / "bundles"))
+    ap.add_argument("--work", default=str(REPO / "out"))
+    ap.add_argument("--profiles", default="hub,phone-mid")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--reuse", action="store_true", help="read bundles that already exist instead of exporting again")
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    args = ap.parse_args()
+    bundles, out = Path(args.bundles), Path(args.out)
+    ckpt = Path(args.work) / "smollm2-fasp30-a32"
+    if not (ckpt / "config.json").is_file():
+        run([*FE, "prune", "--sparsity", "0.3", "--align", "32", "--calib-file", str(CALIB), "--nsamples", "128",
+             "--seqlen", "512", "--seed", "0", "-o", str(ckpt)])
+    exports = {}
+    for name in MODELS:
+        for variant, flags in VARIANTS.items():
+            folder = bundles / f"smollm2-{name}-{variant}"
+            if not (args.reuse and (folder / "manifest.json").is_file()):
+                source = [] if name == "dense" else [str(ckpt)]
+                exports[folder.name] = round(run([*FE, "-q", "export", *source, "--formats", "onnx", *flags,
+                                                  "--max-context", "512", "--quality-text", str(TEST), "-o", str(folder),
+                                                  "--overwrite"]), 1)
+    folders = [bundles / f"smollm2-{m}-{v}" for m in MODELS for v in VARIANTS]
+    bench_dir = out / "onnx-4bit-bench"
+    run([*FE, "bench", *map(str, folders), "--profiles", args.profiles, "--backends", "onnx", "--rounds",
+         str(args.rounds), "-o", str(bench_dir), "--overwrite"])
+    doc = json.loads((bench_dir / "bench.json").read_text())
+    rows = {(r["bundle"], r["profile"]): r for r in doc["results"] if r["status"] == "ok"}
+    manifests = {f.name: json.loads((f / "manifest.json").read_text()) for f in folders}
+    table = []
+    for f in folders:
+        m = manifests[f.name]
+        art = m["artifacts"]["onnx"]
+        q = m["quality"]["onnx"]
+        table.append({"bundle": f.name, "model_mb": round(model_bytes(m) / 1e6, 1),
+                      "parameters": m["model"]["parameters"], "export_seconds": art["export_seconds"],
+                      "cli_seconds": exports.get(f.name), "perplexity_ratio": round(q["perplexity_ratio"], 4),
+                      "perplexity": round(q["perplexity"], 3), "reference_perplexity": round(q["reference_perplexity"], 3),
+                      "top1_agreement": round(q["top1_agreement"], 4), "quantization": art.get("quantization"),
+                      "parity_dequantized": art.get("parity_dequantized"), "kv_cache": art.get("kv_cache")})
+
+    def row(bundle: str, profile: str = "hub") -> dict:
+        return rows.get((f"smollm2-{bundle}", profile)) or {}
+
+    dense4, dense32, fasp4 = row("dense-onnx-4bit"), row("dense-onnx-fp32"), row("fasp30-onnx-4bit")
+    sizes = {r["bundle"]: r["model_mb"] for r in table}
+    values = {
+        "dense_4bit_size_vs_fp32": round(sizes["smollm2-dense-onnx-4bit"] / sizes["smollm2-dense-onnx-fp32"], 4),
+        "dense_4bit_decode_vs_fp32_hub": (dense4.get("vs_dense_fp32") or {}).get("decode_speedup"),
+        "fasp30_4bit_decode_vs_dense_4bit_hub": (fasp4.get("vs_dense") or {}).get("decode_speedup"),
+        "dense_4bit_fits_hub_budget": (dense4.get("memory") or {}).get("verdict") == "within budget"
+        if dense4 else None,
+        "dense_4bit_perplexity_ratio": next(r["perplexity_ratio"] for r in table if r["bundle"] == "smollm2-dense-onnx-4bit"),
+        "fasp30_4bit_perplexity_ratio": next(r["perplexity_ratio"] for r in table
+                                             if r["bundle"] == "smollm2-fasp30-onnx-4bit"),
+    }
+    bars = {k: {"value": v, "bar": f"{BARS[k][0]} {BARS[k][1]}", "holds": holds(v, BARS[k])} for k, v in values.items()}
+    result = {"command": "python benchmarks/onnx_4bit.py " + " ".join(sys.argv[1:]), "bundles": table, "bars": bars,
+              "bench": str(bench_dir.relative_to(REPO)), "dense_4bit_hub_memory": dense4.get("memory"),
+              "decode_tokens_per_s": {f"{b} {p}": r["metrics"]["decode_tokens_per_s"]["median"]
+                                      for (b, p), r in rows.items()}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "onnx-4bit.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = ["# 4-bit ONNX (`--quant 4bit`) against fp32 ONNX, SmolLM2-135M-Instruct (dequantized Q4_1)", "",
+             "`.venv/bin/python benchmarks/onnx_4bit.py`: four bundles, each exported with `--max-context 512 "
+             "--quality-text` WikiText-2 test (the 4-bit ones calibrated on WikiText-2 validation); quality = the "
+             "artifact through ONNX Runtime, teacher-forced on 4 x 512 tokens of the test text, against the fp32 PyTorch "
+             f"model it was made from; speed = `fasp-edge bench` of the four in one run ({args.rounds} rounds, fresh "
+             f"processes), report in `{bench_dir.relative_to(REPO)}/bench.md`.", "",
+             "| bundle | model MB | perplexity (PyTorch fp32) | perplexity ratio | top-1 agreement | "
+             + " | ".join(f"{p} decode tok/s" for p in args.profiles.split(",")) + " | hub model memory MB |",
+             "|---|---|---|---|---|" + "---|" * len(args.profiles.split(",")) + "---|"]
+    for r in table:
+        label = r["bundle"].removeprefix("smollm2-")
+        speeds = " | ".join(f"{row(label, p)['metrics']['decode_tokens_per_s']['median']:.1f}" if row(label, p) else "–"
+                            for p in args.profiles.split(","))
+        mem = (row(label).get("memory") or {}).get("model_rss_mb", "–")
+        lines.append(f"| {r['bundle']} | {r['model_mb']} | {r['perplexity']} ({r['reference_perplexity']}) | "
+                     f"{r['perplexity_ratio']:.3f} | {r['top1_agreement']:.3f} | {speeds} | {mem} |")
+    lines += ["", "| bar | value | holds |", "|---|---|---|"]
+    for k, b in bars.items():
+        v = b["value"]
+        lines.append(f"| {k} {b['bar']} | {v if not isinstance(v, float) else round(v, 3)} | "
+                     f"{'yes' if b['holds'] else 'NO' if b['holds'] is False else 'not measured'} |")
+    (out / "onnx-4bit.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

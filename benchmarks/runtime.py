@@ -10,7 +10,7 @@ in the same run.
                                                 # and ~10 min for the export_llm peer)
 
 Needs the bundles of `benchmarks/export.py` (bundles/smollm2-{dense,fasp30}-{pte-fp32,pte-8da4w,pte-8da4w-asym,
-onnx-fp32}; pte-8da4w is the default 4-bit recipe (calibrated symmetric groups), pte-8da4w-asym the asymmetric one);
+onnx-fp32,onnx-4bit}; pte-8da4w is the default 4-bit recipe (calibrated symmetric groups), pte-8da4w-asym the asymmetric one);
 makes the optimum export (bundles/smollm2-dense-optimum-onnx) and the export_llm peer
 (bundles/smollm2-dense-etllm-8da4w) if absent. Runs `fasp-edge bench` into
 benchmarks/results/runtime/ (bench.json, bench.md, plots) and writes benchmarks/results/runtime.{json,md}
@@ -20,6 +20,7 @@ with issue 11's bars, measured in the same run:
   - dense pte 8da4w decode >= 1.5x llama.cpp Q4_0 (TextLLMRunner, and the fasp-edge bench rows that ran 2
     threads, each divided by llama.cpp's Q4_0 decode), for each 4-bit recipe;
   - our ONNX export's decode >= optimum-onnx's (dense, same profile);
+  - (issue 15) FASP-0.3 onnx 4-bit decode >= 1.15x dense onnx 4-bit, dense onnx 4-bit >= 1.5x dense onnx fp32;
 and, as information rather than bars, dense pte 8da4w decode over llama.cpp Q8_0's and over export_llm's
 (TextLLMRunner both).
 Every pruned-vs-dense ratio sets a pruned artifact against the dense artifact of the same backend and precision.
@@ -76,13 +77,15 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("dense", "fasp30")
-VARIANTS = ("pte-fp32", "pte-8da4w", "pte-8da4w-asym", "onnx-fp32")
+VARIANTS = ("pte-fp32", "pte-8da4w", "pte-8da4w-asym", "onnx-fp32", "onnx-4bit")
 #: the 4-bit variants: the default recipe (calibrated symmetric groups) and the asymmetric one (--qparams asymmetric)
 FOUR_BIT = ("pte-8da4w", "pte-8da4w-asym")
 BARS = {"fasp30_pte_8da4w_decode_vs_dense_pte_8da4w": 1.25,
         "fasp30_pte_8da4w_asym_decode_vs_dense_pte_8da4w_asym": 1.25,
         "fasp30_pte_fp32_decode_vs_dense_pte_fp32": 1.20, "our_onnx_decode_vs_optimum": 1.0,
-        "dense_pte_8da4w_decode_vs_llama_cpp_q4_0": 1.5, "dense_pte_8da4w_asym_decode_vs_llama_cpp_q4_0": 1.5}
+        "dense_pte_8da4w_decode_vs_llama_cpp_q4_0": 1.5, "dense_pte_8da4w_asym_decode_vs_llama_cpp_q4_0": 1.5,
+        # issue 15: the 4-bit ONNX artifact (--quant 4bit)
+        "fasp30_onnx_4bit_decode_vs_dense_onnx_4bit": 1.15, "dense_onnx_4bit_decode_vs_dense_onnx_fp32": 1.5}
 #: what every stock-runner and llama.cpp generation is asked: this prompt, this many new tokens, greedy
 PROMPT = "The history of the city begins"
 NEW_TOKENS = 64
@@ -763,13 +766,14 @@ def main() -> None:
     def ratio(a, b):
         return round(a / b, 3) if a and b else None
 
-    def speedup(pruned: str, dense: str, profile: str) -> float | None:
+    def speedup(pruned: str, dense: str, profile: str, backend: str = "pte", key: str = "vs_dense") -> float | None:
         """The bench's own decode speed-up of ``pruned`` over ``dense`` (the median of its per-round ratios, the
-        two rows measured back to back in each round), when that row's reference is ``dense``."""
-        vs = (rows.get((f"smollm2-{pruned}", "pte", profile)) or {}).get("vs_dense") or {}
+        two rows measured back to back in each round), when that row's reference (``key``: ``vs_dense``, or
+        ``vs_dense_fp32`` across precisions) is ``dense``."""
+        vs = (rows.get((f"smollm2-{pruned}", backend, profile)) or {}).get(key) or {}
         if vs.get("reference") == f"smollm2-{dense}" and vs.get("decode_speedup"):
             return round(vs["decode_speedup"], 3)
-        return ratio(decode(pruned, "pte", profile), decode(dense, "pte", profile))
+        return ratio(decode(pruned, backend, profile), decode(dense, backend, profile))
 
     def stock(bundle: str) -> float | None:
         return (runner.get(f"smollm2-{bundle}") or {}).get("median")
@@ -811,6 +815,9 @@ def main() -> None:
     info: dict[str, dict] = {}
     for prof in args.profiles.split(","):
         got = {k: speedup(a, b, prof) for k, (a, b) in pairs.items()}
+        got["fasp30_onnx_4bit_decode_vs_dense_onnx_4bit"] = speedup("fasp30-onnx-4bit", "dense-onnx-4bit", prof, "onnx")
+        got["dense_onnx_4bit_decode_vs_dense_onnx_fp32"] = speedup("dense-onnx-4bit", "dense-onnx-fp32", prof, "onnx",
+                                                                   "vs_dense_fp32")
         got["our_onnx_decode_vs_optimum"] = ratio(decode("dense-onnx-fp32", "onnx", prof),
                                                   decode("dense-optimum-onnx", "onnx", prof))
         bars[prof] = {k: {"value": v, "bar": BARS[k], "met": v is not None and v >= BARS[k]} for k, v in got.items()}

@@ -116,22 +116,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a dense or pruned model to a verified .pte/.onnx bundle")
     _add_model_args(p)
     p.add_argument("--formats", default="pte,onnx", help="pte, onnx or pte,onnx (default)")
-    p.add_argument("--quant", default="none", help="none (fp32, default), 8da4w (pte: 4-bit weights, groups of 32) "
-                   "or int8 (onnx: dynamic int8 weights)")
+    p.add_argument("--quant", default="none", help="none (fp32, default), 8da4w (pte: 4-bit weights, groups of 32), "
+                   "4bit (onnx: 4-bit MatMulNBits weights, blocks of 32, calibrated) or int8 (onnx: dynamic int8 weights)")
     p.add_argument("--max-context", type=_positive_int, default=512, help="KV-cache length in tokens (default 512)")
     p.add_argument("--qparams", default=None, help="8da4w weight grid: gptq (default: symmetric, calibrated: "
                    "smoothing + GPTQ, the fastest decode), asymmetric (min/max groups, exact on GGUF Q4 weights, one "
-                   "offset Linear more per Linear), hqq_scale_only or affine (torchao's symmetric ones)")
-    p.add_argument("--keep-8bit", default=None, help="8da4w: comma-separated Linear names (suffixes, e.g. down_proj) "
-                   "kept at 8-bit per-channel weights (default for gptq: down_proj,v_proj,k_proj; for the others: none)")
-    p.add_argument("--lm-head", default=None, help="8da4w LM head weights: 8bit (default) or 4bit")
+                   "offset Linear more per Linear), hqq_scale_only or affine (torchao's symmetric ones); "
+                   "4bit: gptq (default: asymmetric blocks, calibrated) or minmax (round to nearest)")
+    p.add_argument("--keep-8bit", default=None, help="8da4w / 4bit: comma-separated Linear names (suffixes, e.g. "
+                   "down_proj) kept at 8-bit weights (default for 8da4w gptq: down_proj,v_proj,k_proj; otherwise none)")
+    p.add_argument("--lm-head", default=None, help="8da4w / 4bit LM head weights: 8bit (default) or 4bit (a tied "
+                   "token embedding reads the head's table)")
     p.add_argument("--embedding-quant", default=None, help="8da4w token embedding: 8bit (default; a tied table shares the "
                    "8-bit LM head's bytes), 4bit (asymmetric groups of 32) or none (fp32)")
     p.add_argument("--quality-text", default=None, help="text file the artifacts' quality is measured on (e.g. "
                    "WikiText-2 test); default: text the model writes itself")
-    p.add_argument("--calib-text", default=None, help="8da4w (gptq): validation text its quantizer calibrates on "
+    p.add_argument("--calib-text", default=None, help="8da4w / 4bit (gptq): validation text its quantizer calibrates on "
                    "(never the --quality-text); default: text the model writes itself")
-    p.add_argument("--calib-windows", default=None, help="8da4w (gptq): a torch file of token windows "
+    p.add_argument("--calib-windows", default=None, help="8da4w / 4bit (gptq): a torch file of token windows "
                    "[n, T] to calibrate on instead (e.g. a fasp-edge run's calibration stage's windows.pt)")
     p.add_argument("--quality-windows", type=int, default=4, help="windows of 512 tokens fed through each artifact "
                    "to measure its quality against the PyTorch model (default 4; 0 skips)")
@@ -286,7 +288,8 @@ def _token_windows(path: str | None, flag: str, example: str):
 def _cmd_export(args: argparse.Namespace) -> int:
     from .checkpoints.loading import load_model
     from .export.bundle import check_export_arguments, export_bundle
-    from .export.quantize import Recipe
+    from .artifacts import CALIBRATED_QUANTS
+    from .export.quantize import BlockRecipe, Recipe
     from .fsutil import check_output_dir
     from .pipeline.calibration import read_text_file
     from .runtime.bundle import describe
@@ -297,17 +300,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
                                ("embedding", args.embedding_quant)) if v is not None}
     if args.keep_8bit is not None:
         given["keep_8bit"] = [n.strip() for n in args.keep_8bit.split(",") if n.strip()]
-    if given and args.quant != "8da4w":
-        raise InvalidArgument("--qparams, --lm-head, --embedding-quant and --keep-8bit apply to --quant 8da4w only")
-    recipe = Recipe(**given)  # what is not given takes the default, the 8-bit Linears the grid's own list
+    if given and args.quant not in ("8da4w", "4bit"):
+        raise InvalidArgument("--qparams, --lm-head, --embedding-quant and --keep-8bit apply to --quant 8da4w "
+                              "(and all but --embedding-quant to 4bit) only")
+    if "embedding" in given and args.quant == "4bit":
+        raise InvalidArgument("--embedding-quant applies to --quant 8da4w only: the 4-bit ONNX embedding follows "
+                              "--lm-head when tied, else takes 4-bit blocks")
+    # what is not given takes the default, the 8-bit Linears the grid's own list
+    recipe = BlockRecipe(**given) if args.quant == "4bit" else Recipe(**given)
     recipe.check()
     if args.quality_windows < 0:
         raise InvalidArgument(f"--quality-windows must be >= 0, got {args.quality_windows}")
     if args.quality_text and args.quality_tokens:
         raise InvalidArgument("give --quality-text or --quality-tokens, not both")
     text = read_text_file(args.quality_text) if args.quality_text else None
-    if (args.calib_text or args.calib_windows) and args.quant != "8da4w":
-        raise InvalidArgument("--calib-text and --calib-windows apply to --quant 8da4w only")
+    if (args.calib_text or args.calib_windows) and args.quant not in CALIBRATED_QUANTS:
+        raise InvalidArgument("--calib-text and --calib-windows apply to --quant 8da4w and 4bit only")
     if args.calib_text and args.calib_windows:
         raise InvalidArgument("give --calib-text or --calib-windows, not both")
     if (args.calib_text or args.calib_windows) and not recipe.calibrated:

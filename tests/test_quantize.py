@@ -133,7 +133,7 @@ def test_cli_refuses_recipe_flags_without_8da4w(tmp_path, capsys):
     from fasp_edge.cli import main
 
     assert main(["export", "--formats", "pte", "--lm-head", "4bit", "-o", str(tmp_path / "b")]) == 2
-    assert "apply to --quant 8da4w only" in capsys.readouterr().err
+    assert "apply to --quant 8da4w (and all but --embedding-quant to 4bit) only" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     assert main(["export", "--formats", "pte", "--keep-8bit", "down_proj", "-o", str(tmp_path / "b")]) == 2
 
@@ -334,7 +334,7 @@ def test_cli_refuses_calib_text_without_8da4w(tmp_path, capsys):
     from fasp_edge.cli import main
 
     assert main(["export", "--formats", "pte", "--calib-text", "x.txt", "-o", str(tmp_path / "b")]) == 2
-    assert "--calib-text and --calib-windows apply to --quant 8da4w only" in capsys.readouterr().err
+    assert "--calib-text and --calib-windows apply to --quant 8da4w and 4bit only" in capsys.readouterr().err
 
 
 def test_cli_refuses_calib_text_for_a_grid_that_does_not_calibrate(tmp_path, capsys):
@@ -355,3 +355,70 @@ def test_each_grid_keeps_its_own_8bit_linears():
     assert Recipe().keep_8bit == ["down_proj", "v_proj", "k_proj"]
     assert Recipe(qparams="asymmetric").keep_8bit == [] and not Recipe(qparams="asymmetric").calibrated
     assert Recipe(qparams="gptq", keep_8bit=["down_proj"]).keep_8bit == ["down_proj"]
+
+
+# ---------------------------------------------------------------- ONNX Runtime's blocks (--quant 4bit)
+def test_blocks_pad_widths_that_are_not_whole_blocks_and_gptq_beats_rounding():
+    """Asymmetric blocks of 32 on a 40-wide input: padded to 64, the padding dequantizes to 0, every integer is on
+    the grid; on the calibration inputs GPTQ's output error is below round-to-nearest's."""
+    from fasp_edge.export.quantize import BlockQuantLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 24, bias=False)
+    x = torch.randn(256, 40) * torch.linspace(0.2, 3.0, 40)  # uneven input scales, as activations have
+    gram = (x.T @ x).double()
+    errors = {}
+    for kind in ("minmax", "gptq"):
+        for bits in (4, 8):
+            q = BlockQuantLinear.minmax(lin, bits) if kind == "minmax" else BlockQuantLinear.gptq(lin, gram, bits)
+            assert q.q.shape == (24, 64) and q.scales.shape == (24, 2) and q.zero_points.shape == (24, 2)
+            assert int(q.q.max()) <= 2**bits - 1 and int(q.zero_points.max()) <= 2**bits - 1
+            full = (q.q.float() - q.zero_points.float().repeat_interleave(32, 1)) * q.scales.repeat_interleave(32, 1)
+            assert full[:, 40:].abs().max() == 0 and q.dequantized().shape == (24, 40)
+            errors[kind, bits] = float(((x @ (q.dequantized() - lin.weight.detach()).T) ** 2).mean())
+    assert errors["gptq", 4] < errors["minmax", 4]
+    assert errors["minmax", 8] < errors["minmax", 4] / 100  # 8-bit blocks: ~1/256 of the step, squared
+
+
+def test_matmul_nbits_packing_is_what_onnx_runtime_reads():
+    """The packed B / scales / zero points (4 and 8 bits, an odd number of blocks) in a one-node graph: ONNX
+    Runtime's MatMulNBits with fp32 compute gives x @ dequantized.T; GatherBlockQuantized on the same B gives its
+    rows."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from fasp_edge.export.onnx import _gather_blocks, _pack_blocks
+    from fasp_edge.export.quantize import BlockQuantLinear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(96, 20, bias=False)  # 3 blocks: the zero points' last byte holds one
+    x = torch.randn(1, 3, 96)
+    for bits in (4, 8):
+        q = BlockQuantLinear.minmax(lin, bits)
+        b, s, z = _pack_blocks(q)
+        extra: list = []
+        gather = _gather_blocks(helper.make_node("Gather", ["B", "ids"], ["rows"], name="g"), q, ["B", "S", "Z"], extra)
+        mm = helper.make_node("MatMulNBits", ["x", "B", "S", "Z"], ["y"], domain="com.microsoft", K=96, N=20,
+                              bits=bits, block_size=32, accuracy_level=0)
+        graph = helper.make_graph(
+            [mm, *gather], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 96]),
+                                 helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 2])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, None),
+             helper.make_tensor_value_info("rows", TensorProto.FLOAT, None)],
+            [numpy_helper.from_array(b, "B"), numpy_helper.from_array(s, "S"), numpy_helper.from_array(z, "Z"), *extra])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+        sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y, rows = sess.run(None, {"x": x.numpy(), "ids": np.array([[3, 17]])})
+        w = q.dequantized()
+        assert np.abs(y - (x @ w.T).numpy()).max() < 1e-4
+        assert rows.shape == (1, 2, 96) and np.abs(rows[0] - w[[3, 17]].numpy()).max() == 0
+
+
+def test_block_recipe_refuses_unknown_choices():
+    from fasp_edge.export.quantize import BlockRecipe
+
+    for bad, needle in (({"qparams": "hqq"}, "qparams"), ({"lm_head": "2bit"}, "LM head"),
+                        ({"accuracy_level": 7}, "accuracy level"), ({"block_size": 24}, "power of two")):
+        with pytest.raises(InvalidArgument, match=needle):
+            BlockRecipe(**bad).check()

@@ -63,8 +63,8 @@ agreement_seqlen = 64
 tasks = {tasks}
 task_limit = 2
 [export]
-artifacts = ["pte", "onnx"]
-dense_artifacts = ["pte", "onnx"]
+artifacts = ["pte", "onnx", "onnx-4bit"]
+dense_artifacts = ["pte", "onnx", "onnx-4bit"]
 max_context = 128
 [bench]
 profile_files = ["tiny-profile.toml"]
@@ -152,14 +152,19 @@ def test_resume_redoes_only_what_was_not_finished(resumed_run):
     for stage in ("calibrate", "prune", "evaluate"):
         assert by_stage[stage] and all(s["skipped"] for s in by_stage[stage]), stage  # not redone
     exports = {s["name"]: s["skipped"] for s in by_stage["export"] if "task(s)" not in s["name"]}
-    assert set(exports) == {"dense-pte", "dense-onnx", "fasp-0.3-pte", "fasp-0.3-onnx"}
+    assert set(exports) == {f"{m}-{a}" for m in ("dense", "fasp-0.3") for a in ("pte", "onnx", "onnx-4bit")}
     for name, skipped in exports.items():
         assert skipped == (name in killed["complete_bundles"]), name
     assert not by_stage["bench"][0]["skipped"]
     assert not _temporaries(folder)  # the killed run's temporary folder was removed
     for name in exports:  # every bundle is complete and matches its hashes
         b = load_bundle(folder / "bundles" / name)
-        assert b.manifest["parity"][b.formats[0]]["max_abs_diff"] < 1e-4
+        if b.manifest["quantization"] == "none":
+            assert b.manifest["parity"][b.formats[0]]["max_abs_diff"] < 1e-4
+        else:  # the 4-bit graph against its own weights dequantized; calibrated on the run's calibration windows
+            deq = b.manifest["artifacts"]["onnx"]["parity_dequantized"]
+            assert deq["max_abs_diff"] <= deq["tolerance"]
+            assert b.manifest["export_settings"]["calibration"]["text"] == "given windows"
     assert re.search(r"\[\d+/\d+\] prune fasp-0\.3", stderr) and "up to date, skipped" in stderr  # progress per stage
 
 
@@ -178,9 +183,9 @@ def test_report_has_every_part(resumed_run):
     assert f"{pruned['agreement']['top1_agreement']:.3f}" in md and f"{dense['perplexity']['perplexity']:.2f}" in md
     bench = json.loads((folder / "bench" / "bench.json").read_text())
     ok = [r for r in bench["results"] if r["status"] == "ok"]
-    assert {(r["bundle"], r["backend"]) for r in ok} == {("dense-pte", "pte"), ("dense-onnx", "onnx"),
-                                                        ("fasp-0.3-pte", "pte"), ("fasp-0.3-onnx", "onnx")}
-    assert len(bench["results"]) == 4  # a bundle is not listed under the backend it has no artifact for
+    assert {(r["bundle"], r["backend"]) for r in ok} == {(f"{m}-{a}", a.split("-")[0]) for m in ("dense", "fasp-0.3")
+                                                        for a in ("pte", "onnx", "onnx-4bit")}
+    assert len(bench["results"]) == 6  # a bundle is not listed under the backend it has no artifact for
     for r in ok:
         if r["bundle"].startswith("fasp"):
             assert r["vs_dense"]["reference"] == r["bundle"].replace("fasp-0.3", "dense")

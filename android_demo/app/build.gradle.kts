@@ -41,6 +41,6 @@ dependencies {
     // executorch that exported the .pte (fasp-edge pins executorch 1.4.1 for export).
     // From Maven it brings its own fbjni and soloader (ExecuTorch's docs add those only for a local AAR).
     implementation("org.pytorch:executorch-android:1.4.0")
-    implementation("com.microsoft.onnxruntime:onnxruntime-android:1.22.0")
+    implementation("com.microsoft.onnxruntime:onnxruntime-android:1.32.0")
     implementation("androidx.appcompat:appcompat:1.7.0")
 }

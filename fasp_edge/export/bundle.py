@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import FORMATS, QUANTS
+from ..artifacts import CALIBRATED_QUANTS, FORMATS, QUANTS
 from ..checkpoints.files import save_tokenizer
 from ..checkpoints.loading import LoadedModel, cache_dir, sentencepiece_file
 from ..errors import FaspError, InvalidArgument
@@ -42,13 +42,17 @@ from ..runtime.onnx import OnnxModel, io_names
 from ..runtime.parity import check_export_parity, logits_parity, parity_prompt
 from ..versions import library_versions
 from .executorch import export_pte, runner_metadata
-from .onnx import export_onnx, quantize_int8
-from .quantize import DEFAULT_RECIPE, Recipe, quantize_decoder
+from .onnx import ONNX_ATTENTION, export_onnx, export_onnx_4bit, kv_cache_layout, quantize_int8
+from .quantize import DEFAULT_BLOCK_RECIPE, DEFAULT_RECIPE, BlockRecipe, Recipe, quantize_decoder
 
 log = logging.getLogger(__name__)
 
 QUALITY_WINDOWS = 4  # teacher-forced windows through each artifact's runtime ...
 QUALITY_SEQLEN = 512  # ... of this many tokens (or the context length, if shorter)
+#: the largest |Δlogits| a 4-bit ONNX graph may show against its own dequantized weights computed in fp32, as a
+#: fraction of the largest |logit|, where ONNX Runtime rounds activations to int8 (``accuracy_level`` 4); with fp32
+#: compute (``accuracy_level`` 0) the fp32 rule holds (:func:`~fasp_edge.runtime.parity.parity_tolerance`)
+INT8_COMPUTE_TOLERANCE = 0.1
 QUALITY_SEED = 1234  # seed of self-written quality text (not the calibration seeds 0, or agreement's)
 CALIBRATION_WINDOWS = 32  # windows the calibrated 4-bit quantizer (the default, --qparams gptq) gathers statistics on ...
 CALIBRATION_SEQLEN = 256  # ... of this many tokens (or the context length, if shorter) ...
@@ -254,14 +258,16 @@ def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = Tru
 
 def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | tuple[str, ...] = FORMATS,
                   quant: str = "none", max_context: int = 512, overwrite: bool = False,
-                  parity_prefill: int = 64, parity_steps: int = 32, recipe: Recipe | None = None,
+                  parity_prefill: int = 64, parity_steps: int = 32, recipe: Recipe | BlockRecipe | None = None,
                   quality_text: str | None = None, quality_windows_count: int = QUALITY_WINDOWS,
                   quality_tokens: torch.Tensor | None = None,
                   calibration_text: str | None = None, calibration: torch.Tensor | None = None,
                   progress: bool = True) -> Bundle:
     """Export ``loaded`` (dense or pruned) into a verified bundle at ``out``.
 
-    ``recipe`` says how ``quant="8da4w"`` quantizes (default :data:`~.quantize.DEFAULT_RECIPE`). Every
+    ``recipe`` says how ``quant="8da4w"`` (a :class:`~.quantize.Recipe`, default :data:`~.quantize.DEFAULT_RECIPE`)
+    or ``quant="4bit"`` (a :class:`~.quantize.BlockRecipe`, default :data:`~.quantize.DEFAULT_BLOCK_RECIPE`)
+    quantizes. Every
     artifact's quality is measured through its own runtime on ``quality_windows_count`` windows of
     ``quality_text``, of the given token windows ``quality_tokens`` ``[n, T]`` (e.g. the held-out text a
     ``fasp-edge run`` has the dense model write, so every artifact of the run is measured on one text; the first
@@ -272,7 +278,10 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     it, text the model writes itself).
     """
     check_export_arguments(list(formats), quant)
-    recipe = recipe or DEFAULT_RECIPE
+    recipe = recipe or (DEFAULT_BLOCK_RECIPE if quant == "4bit" else DEFAULT_RECIPE)
+    if isinstance(recipe, BlockRecipe) != (quant == "4bit"):
+        raise InvalidArgument(f"--quant {quant} takes a {'BlockRecipe' if quant == '4bit' else 'Recipe'}, "
+                              f"not a {type(recipe).__name__}")
     recipe.check()
     formats = [f for f in FORMATS if f in set(formats)]
     check_output_dir(out, overwrite)
@@ -285,7 +294,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     prompt = parity_prompt(model.config.vocab_size, parity_prefill)
     settings = {"max_context": max_context, "quant": quant, "formats": list(formats), "dtype": "float32",
                 "parity_prefill": parity_prefill, "parity_steps": parity_steps}
-    if quant == "8da4w":
+    if quant in CALIBRATED_QUANTS:
         settings["recipe"] = dataclasses.asdict(recipe)
     weights_sha256 = state_dict_sha256(model)
     quality_set, quality_source = _quality_text(loaded, quality_text, quality_tokens, quality_windows_count,
@@ -307,7 +316,8 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                 info, runtime = _export_pte_artifact(model, tmp, max_context, quant, prompt, parity_steps,
                                                      loaded.tokenizer, recipe, calibration, progress)
             else:
-                info, runtime = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps)
+                info, runtime = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps, recipe,
+                                                      calibration, progress)
             info["export_seconds"] = round(time.perf_counter() - t0, 2)
             if quality_set is not None:
                 info["quality"] = {**quality_source, **artifact_quality(model, runtime.step, quality_set,
@@ -340,7 +350,7 @@ def _quantizer_calibration(loaded: LoadedModel, quant: str, recipe: Recipe, cali
                            text: str | None, max_context: int, weights_sha256: str,
                            progress: bool) -> tuple[torch.Tensor | None, dict | None]:
     """The windows a calibrated 4-bit recipe quantizes with, and where they come from (none for other exports)."""
-    if quant != "8da4w" or not recipe.calibrated:
+    if quant not in CALIBRATED_QUANTS or not recipe.calibrated:
         return None, None
     if calibration is not None:
         calibration = check_token_windows(calibration, loaded.model.config.vocab_size, max_context)
@@ -422,15 +432,21 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     return info, pte
 
 
-def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int) -> dict:
+def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int,
+                          recipe: BlockRecipe | Recipe | None = None, calibration: torch.Tensor | None = None,
+                          progress: bool = False):
 
-    decoder = ExportDecoder(model, max_context=max_context, cache="io").eval()
+    decoder = ExportDecoder(model, max_context=max_context, cache="io", attention=ONNX_ATTENTION[quant]).eval()
+    quantization = reference = None
     if quant == "int8":
         work = tmp / "fp32"
         work.mkdir()
         export_onnx(decoder, work / "model.onnx")
         quantize_int8(work / "model.onnx", tmp / "model.onnx")
         shutil.rmtree(work)
+    elif quant == "4bit":
+        quantization, reference = export_onnx_4bit(model, tmp / "model.onnx", max_context=max_context, recipe=recipe,
+                                                   calibration=calibration, progress=progress)
     else:
         export_onnx(decoder, tmp / "model.onnx")
     onnx_model = OnnxModel(tmp / "model.onnx")
@@ -438,8 +454,26 @@ def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt
     _verify("ONNX", parity, quant)
     inputs, outputs = io_names(len(decoder.blocks))
     data = [p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx"]
-    return {"file": "model.onnx", "external_data": sorted(data), "inputs": inputs, "outputs": outputs,
-            "opset": _onnx_opset(tmp / "model.onnx"), "parity": parity}, onnx_model
+    info = {"file": "model.onnx", "external_data": sorted(data), "inputs": inputs, "outputs": outputs,
+            "kv_cache": kv_cache_layout(decoder), "opset": _onnx_opset(tmp / "model.onnx"), "parity": parity}
+    if quantization is not None:
+        info["quantization"] = quantization
+        info["parity_dequantized"] = _check_dequantized(reference, onnx_model, prompt, steps, recipe)
+    return info, onnx_model
+
+
+def _check_dequantized(reference, onnx_model: OnnxModel, prompt, steps: int, recipe: BlockRecipe) -> dict:
+    """The 4-bit graph against the same weights dequantized and computed in fp32 (the PyTorch copy they were
+    written from): within :func:`~fasp_edge.runtime.parity.parity_tolerance` with fp32 compute, within
+    :data:`INT8_COMPUTE_TOLERANCE` of the logit scale with int8 compute; else nothing is written."""
+    parity = logits_parity(reference, onnx_model.step, prompt, steps)
+    if recipe.accuracy_level >= 2:  # int8 (4) or fp16/bf16 (2, 3) compute
+        parity["tolerance"] = INT8_COMPUTE_TOLERANCE * parity["max_abs_logit"]
+        parity["tolerance_rule"] = f"{INT8_COMPUTE_TOLERANCE} x max |logit| (accuracy_level {recipe.accuracy_level})"
+    if not parity["max_abs_diff"] <= parity["tolerance"]:
+        raise ExportVerificationError(f"the 4-bit ONNX graph differs from its own dequantized weights by "
+                                      f"{parity['max_abs_diff']:.2e} (> {parity['tolerance']:.1e}); nothing was written")
+    return parity
 
 
 def _onnx_opset(path: Path) -> int | None:

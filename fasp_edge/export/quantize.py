@@ -300,6 +300,20 @@ def searched_scales(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gptq_inverse(gram: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What GPTQ rounds with, from the input's ``XᵀX`` (``gram [n, n]``, zero-padded to ``k`` inputs): the upper
+    Cholesky factor of the damped inverse (fp32), the damped diagonal, and the dead inputs (zero diagonal: never
+    seen, or padding), whose weights the caller zeroes."""
+    h = torch.zeros(k, k, dtype=torch.float64)
+    n = gram.shape[0]
+    h[:n, :n] = gram.detach().double()
+    dead = torch.diag(h) <= 0
+    h[dead, dead] = 1.0
+    h += GPTQ_DAMP * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    return hinv, torch.diag(h).float(), dead
+
+
 def gptq_4bit(w: torch.Tensor, gram: torch.Tensor, group: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric 4-bit groups of ``w [out, in]`` with GPTQ's error compensation (Frantar et al., 2023).
 
@@ -310,13 +324,8 @@ def gptq_4bit(w: torch.Tensor, gram: torch.Tensor, group: int = GROUP_SIZE) -> t
     """
     w = w.detach().float().clone()
     out, k = w.shape
-    h = gram.detach().double().clone()
-    dead = torch.diag(h) <= 0
-    h[dead, dead] = 1.0
+    hinv, diag, dead = _gptq_inverse(gram, k)
     w[:, dead] = 0.0
-    h += GPTQ_DAMP * torch.diag(h).mean() * torch.eye(k, dtype=h.dtype)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    diag = torch.diag(h).float()
     q = torch.empty(out, k, dtype=torch.int8)
     scales = torch.empty(out, k // group)
     for gi, i0 in enumerate(range(0, k, group)):
@@ -422,21 +431,24 @@ def smoothing_pairs(decoder: nn.Module) -> list[_Pair]:
     return pairs
 
 
-def _smoothed_error(ws: torch.Tensor, gram: torch.Tensor, s: torch.Tensor) -> float:
+def _smoothed_error(ws: torch.Tensor, gram: torch.Tensor, s: torch.Tensor, grid=None) -> float:
     """``tr(D·H·Dᵀ)``: the squared output error over the calibration inputs of rounding ``ws·diag(s)`` to
-    symmetric 4-bit groups and undoing ``s`` (``D = Q(ws·s)/s - ws``)."""
+    symmetric 4-bit groups (or ``grid(groups, weight) -> rounded groups``, ``weight`` the scaled inputs' mean squares
+    per group) and undoing ``s`` (``D = Q(ws·s)/s - ws``)."""
     g = (ws * s[None]).reshape(ws.shape[0], -1, GROUP_SIZE)
-    d = searched_scales(g, (torch.diag(gram) / s**2).reshape(-1, GROUP_SIZE))
-    diff = _on_grid(g, d).reshape_as(ws) / s[None] - ws
+    weight = (torch.diag(gram) / s**2).reshape(-1, GROUP_SIZE)
+    rounded = _on_grid(g, searched_scales(g, weight)) if grid is None else grid(g, weight)
+    diff = rounded.reshape_as(ws) / s[None] - ws
     return float(((diff @ gram) * diff).sum())
 
 
 @torch.no_grad()
-def smooth(pairs: list[_Pair], grams: dict[int, torch.Tensor]) -> list[float]:
+def smooth(pairs: list[_Pair], grams: dict[int, torch.Tensor], grid=None) -> list[float]:
     """Activation-aware smoothing (after AWQ, Lin et al., 2024), folded into the weights: for each
     pair (:func:`smoothing_pairs`), input channel ``j`` of the consumers is scaled by ``s_j = rms(x_j)^a``
     (normalised), their weights' columns by ``s`` and the producer by ``1/s``, with the exponent ``a`` that
-    minimises the consumers' 4-bit output error (:func:`_smoothed_error`; ``a = 0`` is no change). The fp32
+    minimises the consumers' 4-bit output error (:func:`_smoothed_error` on ``grid``, default XNNPACK's
+    symmetric groups with searched scales; ``a = 0`` is no change). The fp32
     model computes the same function. Only the consumers with a Gram matrix in ``grams`` (keyed by
     ``id(linear)``; those to be rounded to 4 bits) count in the error; a consumer kept at 8 bits (e.g. ``v_proj``
     beside a 4-bit ``q_proj`` and ``k_proj``) is scaled with them, still in fp32. ``grams`` is updated in place to
@@ -451,7 +463,7 @@ def smooth(pairs: list[_Pair], grams: dict[int, torch.Tensor]) -> list[float]:
         gram = grams[id(fitted[0])].float()
         rms = torch.diag(gram).clamp(min=1e-12).sqrt()
         ws = torch.cat([lin.weight.float() for lin in fitted])
-        best = (_smoothed_error(ws, gram, torch.ones_like(rms)), 0.0, None)
+        best = (_smoothed_error(ws, gram, torch.ones_like(rms), grid), 0.0, None)
         worse = 0
         for a in SMOOTHING_EXPONENTS[1:]:
             if worse >= SMOOTHING_PATIENCE:
@@ -461,7 +473,7 @@ def smooth(pairs: list[_Pair], grams: dict[int, torch.Tensor]) -> list[float]:
                 h, kv, dv = pair.tie
                 s = s.log().reshape(kv, h // kv, dv).mean(1, keepdim=True).exp().expand(kv, h // kv, dv).reshape(-1)
             s = s / (s.max() * s.min()).sqrt()
-            err = _smoothed_error(ws, gram, s)
+            err = _smoothed_error(ws, gram, s, grid)
             if err < best[0]:
                 best, worse = (err, float(a), s), 0
             else:
@@ -489,7 +501,7 @@ def smooth(pairs: list[_Pair], grams: dict[int, torch.Tensor]) -> list[float]:
 
 @torch.no_grad()
 def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, progress: bool = False,
-                    eight: set[str] = frozenset()) -> dict:
+                    eight: set[str] = frozenset(), make_four=None, make_eight=None, smoothing_grid=None) -> dict:
     """Quantize the Linears ``fqns`` of ``decoder`` (an :class:`~fasp_edge.models.decoder.ExportDecoder`, static cache) to
     symmetric 4-bit groups by calibration on ``windows [n, T]``: smoothing (:func:`smooth`) then GPTQ
     (:func:`gptq_4bit`) on the Gram matrices of their inputs. The Linears ``eight`` of a block (8-bit
@@ -503,6 +515,11 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
     form. Linears outside the blocks (a 4-bit LM head) are calibrated on the last block's outputs at every
     position. Returns what the manifest records of it.
 
+    ``make_four(linear, gram)`` / ``make_eight(linear)`` build the quantized modules (default: XNNPACK's symmetric
+    :class:`DynamicQuantLinear` through :func:`gptq_4bit`, and its 8-bit per-channel form); the ONNX artifact passes
+    ONNX Runtime's blockwise grids (:func:`quantize_blockwise`), and ``smoothing_grid`` the grid its smoothing search
+    rounds to (:func:`smooth`).
+
     Block after block is what GPTQ's authors do; here it moved dense SmolLM2 (eager, ``down_proj`` 8-bit, 32 x 256
     tokens of WikiText-2 validation) from 1.0878x to 1.0857x the fp32 perplexity on WikiText-2 test 4 x 512, a
     small gain; the 8-bit ``v_proj`` / ``k_proj`` of the default recipe did more (``benchmarks/quant_quality.py``).
@@ -514,14 +531,17 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
     pairs = smoothing_pairs(decoder)
     exponents: list[float] = []
 
+    make_four = make_four or (lambda lin, gram: DynamicQuantLinear(*gptq_4bit(lin.weight, gram), 4, GROUP_SIZE,
+                                                                     lin.bias))
+    make_eight = make_eight or DynamicQuantLinear.int8_per_channel
+
     def quantize(names, grams):
-        _replace(decoder, set(names), lambda lin: DynamicQuantLinear(*gptq_4bit(lin.weight, grams[id(lin)]), 4,
-                                                                       GROUP_SIZE, lin.bias))
+        _replace(decoder, set(names), lambda lin: make_four(lin, grams[id(lin)]))
 
     def calibrate(run, inputs, group, smoothing=()):
         named = input_grams(run, inputs, group)
         grams = {id(group[n]): g for n, g in named.items()}
-        exponents.extend(smooth(list(smoothing), grams))
+        exponents.extend(smooth(list(smoothing), grams, smoothing_grid))
         quantize(named, grams)
 
     in_blocks = _block_module_ids(decoder)
@@ -539,7 +559,7 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
             calibrate(lambda x, i=i: decoder.run_block(i, x), hidden,
                       {f: lin for f, lin in lins.items() if id(lin) in inside},
                       [p for p in pairs if id(p.consumers[0]) in inside])
-            _replace(decoder, {f for f in eight if id(modules[f]) in inside}, DynamicQuantLinear.int8_per_channel)
+            _replace(decoder, {f for f in eight if id(modules[f]) in inside}, make_eight)
             if i < last or rest:
                 hidden = [decoder.run_block(i, x) for x in hidden]
         if rest:  # after the blocks: OPT's project_out, a 4-bit LM head
@@ -547,7 +567,7 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
     finally:
         decoder.reset_cache()
         for m in decoder.modules():
-            if isinstance(m, DynamicQuantLinear):
+            if isinstance(m, (DynamicQuantLinear, BlockQuantLinear)):
                 m.drop_eager_weight()
     return {"windows": int(windows.shape[0]), "seqlen": int(windows.shape[1]), "order": "block by block",
             "smoothed_pairs": sum(a > 0 for a in exponents), "pairs": len(exponents),
@@ -708,4 +728,230 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE, calibr
             "linear_counts": dict(Counter(schemes.values())),
             "lm_head": schemes.get("lm_head", "none"), "embedding": embedding,
             "fallback_8bit": sorted(k for k, v in schemes.items() if v != "8da4w-g32" and not k.endswith("lm_head")),
+            **({"calibration": calibrated} if calibrated is not None else {})}
+
+
+# ---------------------------------------------------------------------------------------------- ONNX Runtime
+#: ONNX Runtime's 4-bit artifact (``--quant 4bit``): ``MatMulNBits`` weights in blocks of this many input channels
+BLOCK_SIZE = 32
+#: the block grids: ``gptq`` (calibrated: smoothing, then GPTQ on asymmetric blocks) or ``minmax`` (round to nearest)
+BLOCK_QPARAMS = ("gptq", "minmax")
+#: the factors a calibrated asymmetric block's ``[min, max]`` range is shrunk by in its search (the smallest
+#: weighted rounding error wins; 1.0, the plain min/max range, is one of them)
+RANGE_FACTORS = torch.linspace(0.7, 1.0, 16)
+#: the Linears (name suffixes) the ONNX 4-bit artifact keeps at 8-bit blocks when ``--keep-8bit`` is not given: the
+#: attention's four, whose input is the hidden size (ONNX Runtime's 8-bit kernel costs about the 4-bit one's time
+#: there, unlike on ``down_proj``'s wide input). Chosen on WikiText-2 validation (dense SmolLM2, eager, dequantized
+#: weights, 4 x 512 tokens): all 4-bit 1.131x the fp32 perplexity, k/v 8-bit 1.088x, q/k/v/o 8-bit 1.060x
+ONNX_KEEP_8BIT: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+@dataclass
+class BlockRecipe:
+    """How ``--quant 4bit`` (ONNX) quantizes a model (recorded in the manifest); ``BlockRecipe()`` is the default.
+
+    ``qparams``: ``gptq`` (calibrated: smoothing folded into the weights, then GPTQ on asymmetric blocks, block of
+    layers after block of layers, as :func:`calibrated_4bit`) or ``minmax`` (each block's min/max range rounded
+    to nearest, no calibration). ``lm_head``: ``8bit`` or ``4bit`` blocks; a tied token embedding reads the head's
+    own quantized table (``GatherBlockQuantized``), an untied one gets 4-bit min/max blocks. ``keep_8bit``: Linear
+    names (suffixes) kept at 8-bit blocks. ``accuracy_level``: ``MatMulNBits``' compute type on CPU (4: int8
+    activations, ONNX Runtime's fast path; 0: fp32).
+    """
+
+    qparams: str = "gptq"
+    lm_head: str = "8bit"
+    keep_8bit: list[str] | None = None
+    block_size: int = BLOCK_SIZE
+    accuracy_level: int = 4
+
+    def __post_init__(self):
+        if self.keep_8bit is None:
+            self.keep_8bit = list(ONNX_KEEP_8BIT)
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether quantizing with this recipe needs calibration windows."""
+        return self.qparams == "gptq"
+
+    def check(self) -> None:
+        for what, value, allowed in (("qparams", self.qparams, BLOCK_QPARAMS),
+                                     ("LM head precision", self.lm_head, HEAD_PRECISIONS),
+                                     ("accuracy level", self.accuracy_level, (0, 1, 2, 3, 4))):
+            if value not in allowed:
+                raise InvalidArgument(f"unknown {what} {value!r} for --quant 4bit; choose from "
+                                      f"{', '.join(map(str, allowed))}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InvalidArgument(f"block size {self.block_size} is not a power of two of at least 16 "
+                                  "(ONNX Runtime's MatMulNBits takes 16, 32, 64, 128, ...)")
+
+
+DEFAULT_BLOCK_RECIPE = BlockRecipe()
+
+
+def asymmetric_blocks(g: torch.Tensor, bits: int, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and integer zero points of asymmetric ``bits``-bit blocks ``g [rows, n, block]``: ``w ≈ s·(q - z)``,
+    ``q`` in ``0..2^bits - 1``, the range ``[min(g, 0), max(g, 0)]`` (zero is on the grid, as ONNX Runtime's own
+    quantizer has it) shrunk by the :data:`RANGE_FACTORS` that minimise the rounding error weighted by
+    ``weight [n, block]`` (the input channels' mean squares); without ``weight`` the plain range. Returns
+    ``(s [rows, n], z [rows, n])``, ``z`` holding integers as floats."""
+    top = 2**bits - 1
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+    if weight is None:
+        s = ((hi - lo) / top).clamp(min=1e-10)
+        return s, torch.round(-lo / s).clamp(0, top)
+    f = RANGE_FACTORS.view(-1, *([1] * lo.dim()))  # every factor at once: [factors, rows, n]
+    s = ((hi - lo)[None] * f / top).clamp(min=1e-10)
+    z = torch.round(-lo[None] * f / s).clamp(0, top)
+    err = (((torch.clamp(torch.round(g[None] / s[..., None]) + z[..., None], 0, top) - z[..., None]) * s[..., None]
+            - g[None]) ** 2 * weight).sum(-1)
+    best = err.argmin(0, keepdim=True)  # the first factor wins a tie
+    return s.gather(0, best)[0], z.gather(0, best)[0]
+
+
+def _minmax_4bit_groups(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Groups ``g [.., n, group]`` rounded to asymmetric min/max 4-bit blocks, dequantized: what the ONNX recipe's
+    smoothing search measures its error on (one pass, ``weight`` unused; GPTQ then searches each block's range).
+    The XNNPACK recipe's symmetric grid with searched scales in its place took 95 of the 133 s of this quantizer on
+    SmolLM2's first 3 layers (cProfile, beside another job); with this one the whole took 56 s."""
+    s, z = asymmetric_blocks(g, 4)
+    return (torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, 15) - z[..., None]) * s[..., None]
+
+
+def _padded(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``w [out, in]`` with zero columns up to a whole number of blocks (MatMulNBits pads ``K`` the same way)."""
+    pad = -w.shape[1] % block
+    return F.pad(w.detach().float(), (0, pad)) if pad else w.detach().float().clone()
+
+
+def minmax_blocks(w: torch.Tensor, bits: int, block: int = BLOCK_SIZE) -> tuple[torch.Tensor, ...]:
+    """Round-to-nearest asymmetric blocks of ``block`` input channels: ``(q uint8 [out, in padded], s [out, n],
+    z uint8 [out, n])`` (padding columns hold ``z``: they dequantize to 0)."""
+    wp = _padded(w, block)
+    g = wp.reshape(wp.shape[0], -1, block)
+    s, z = asymmetric_blocks(g, bits)
+    q = torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, 2**bits - 1)
+    return q.reshape_as(wp).to(torch.uint8), s, z.to(torch.uint8)
+
+
+def gptq_blocks(w: torch.Tensor, gram: torch.Tensor, bits: int = 4, block: int = BLOCK_SIZE) -> tuple[torch.Tensor, ...]:
+    """Asymmetric ``bits``-bit blocks of ``w [out, in]`` with GPTQ's error compensation (as :func:`gptq_4bit`, on
+    ONNX Runtime's grid ``s·(q - z)``, each block's range searched by :func:`asymmetric_blocks` on the weights as
+    the earlier blocks' errors left them). An input width that is not a multiple of ``block`` is padded with
+    zero columns. Returns ``(q uint8 [out, in padded], s [out, n], z uint8 [out, n])``."""
+    w = _padded(w, block)
+    out, k = w.shape
+    top = 2**bits - 1
+    hinv, diag, dead = _gptq_inverse(gram, k)  # padding columns are dead inputs
+    w[:, dead] = 0.0
+    q = torch.empty(out, k, dtype=torch.uint8)
+    scales = torch.empty(out, k // block)
+    zeros = torch.empty(out, k // block)
+    for gi, i0 in enumerate(range(0, k, block)):
+        blk = w[:, i0:i0 + block]
+        s, z = asymmetric_blocks(blk[:, None], bits, diag[i0:i0 + block][None])
+        s, z = s[:, 0], z[:, 0]
+        scales[:, gi], zeros[:, gi] = s, z
+        hb = hinv[i0:i0 + block, i0:i0 + block]
+        err = torch.empty_like(blk)
+        for j in range(block):
+            qi = torch.clamp(torch.round(blk[:, j] / s) + z, 0, top)
+            q[:, i0 + j] = qi.to(torch.uint8)
+            e = (blk[:, j] - (qi - z) * s) / hb[j, j]
+            blk[:, j:] -= e[:, None] * hb[j, j:][None]
+            err[:, j] = e
+        w[:, i0 + block:] -= err @ hinv[i0:i0 + block, i0 + block:]
+    return q, scales, zeros.to(torch.uint8)
+
+
+class BlockQuantLinear(nn.Module):
+    """A Linear whose weight is ONNX Runtime ``MatMulNBits`` blocks: ``w[o, k] = s[o, k/B]·(q[o, k] - z[o, k/B])``.
+
+    ``q``: uint8 ``[out, in padded to B]`` (``0..2^bits - 1``); ``scales``: fp32 ``[out, n]``; ``zero_points``:
+    uint8 ``[out, n]``. Eagerly it computes ``F.linear`` with the dequantized weight in fp32 (ONNX Runtime's
+    ``accuracy_level`` 4 also rounds the activations to int8 per block); :func:`fasp_edge.export.onnx.export_onnx_4bit`
+    writes the integers into the graph.
+    """
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, bits: int, block: int,
+                 in_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.bits, self.block, self.in_features = bits, block, in_features
+        self.out_features = q.shape[0]
+        self.register_buffer("q", q.to(torch.uint8))
+        self.register_buffer("scales", scales.float())
+        self.register_buffer("zero_points", zero_points.to(torch.uint8))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    @torch.no_grad()
+    def minmax(cls, lin: nn.Linear, bits: int, block: int = BLOCK_SIZE) -> "BlockQuantLinear":
+        return cls(*minmax_blocks(lin.weight, bits, block), bits, block, lin.in_features, lin.bias)
+
+    @classmethod
+    @torch.no_grad()
+    def gptq(cls, lin: nn.Linear, gram: torch.Tensor, bits: int = 4, block: int = BLOCK_SIZE) -> "BlockQuantLinear":
+        return cls(*gptq_blocks(lin.weight, gram, bits, block), bits, block, lin.in_features, lin.bias)
+
+    def dequantized(self) -> torch.Tensor:
+        """The fp32 weight ``[out, in]`` the blocks hold."""
+        z = self.zero_points.float().repeat_interleave(self.block, 1)
+        s = self.scales.repeat_interleave(self.block, 1)
+        return ((self.q.float() - z) * s)[:, : self.in_features]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.__dict__.get("_eager_weight")
+        if w is None:
+            w = self.__dict__["_eager_weight"] = self.dequantized()
+        return F.linear(x, w, self.bias)
+
+    def drop_eager_weight(self) -> None:
+        self.__dict__.pop("_eager_weight", None)
+
+
+def block_schemes(decoder: nn.Module, recipe: BlockRecipe) -> dict[str, int]:
+    """The bits each Linear of ``decoder`` gets under ``recipe`` (every input width works: ``K`` is padded)."""
+    out = {}
+    for name, mod in decoder.named_modules():
+        if isinstance(mod, nn.Linear):
+            if name.endswith("lm_head"):
+                out[name] = 4 if recipe.lm_head == "4bit" else 8
+            else:
+                out[name] = 8 if any(name.endswith(k) for k in recipe.keep_8bit) else 4
+    return out
+
+
+@torch.no_grad()
+def quantize_blockwise(decoder: nn.Module, recipe: BlockRecipe = DEFAULT_BLOCK_RECIPE,
+                       calibration: torch.Tensor | None = None, progress: bool = False) -> dict:
+    """Replace ``decoder``'s Linears (an :class:`~fasp_edge.models.decoder.ExportDecoder`, static cache) by
+    :class:`BlockQuantLinear` as ``recipe`` says: 8-bit Linears outside the blocks (the LM head) first, by min/max
+    blocks; then, calibrated (``qparams="gptq"``, on ``calibration [n, T]``), :func:`calibrated_4bit`'s smoothing and
+    block-by-block GPTQ with :func:`gptq_blocks` (8-bit kept Linears: min/max blocks, after their block's 4-bit
+    ones), or min/max blocks throughout. The smoothing rescales norms and Linears shared with the source model.
+    Returns what the manifest records of it."""
+    recipe.check()
+    b = recipe.block_size
+    schemes = block_schemes(decoder, recipe)
+    four = {f for f, bits in schemes.items() if bits == 4}
+    eight = {f for f, bits in schemes.items() if bits == 8}
+    calibrated = None
+    make_eight = lambda lin: BlockQuantLinear.minmax(lin, 8, b)  # noqa: E731
+    if recipe.calibrated:
+        if calibration is None:
+            raise InvalidArgument("--quant 4bit with --qparams gptq needs calibration text: give --calib-text FILE "
+                                  "(validation text) or let the export sample it from the model")
+        in_blocks = _block_module_ids(decoder)
+        modules = dict(decoder.named_modules())
+        _replace(decoder, {f for f in eight if id(modules[f]) not in in_blocks}, make_eight)
+        calibrated = calibrated_4bit(decoder, four, calibration, progress=progress,
+                                     eight={f for f in eight if id(modules[f]) in in_blocks},
+                                     make_four=lambda lin, gram: BlockQuantLinear.gptq(lin, gram, 4, b),
+                                     make_eight=make_eight, smoothing_grid=_minmax_4bit_groups)
+    else:
+        _replace(decoder, four, lambda lin: BlockQuantLinear.minmax(lin, 4, b))
+        _replace(decoder, eight, make_eight)
+    counts = Counter(f"{bits}-bit blocks of {b}" for bits in schemes.values())
+    return {"scheme": "MatMulNBits", "recipe": asdict(recipe), "block_size": b, "linear_counts": dict(counts),
+            "lm_head": f"{schemes.get('lm_head', 0)}-bit" if "lm_head" in schemes else "none",
+            "kept_8bit": sorted(f for f in eight if not f.endswith("lm_head")),
             **({"calibration": calibrated} if calibrated is not None else {})}

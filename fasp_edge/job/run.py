@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import BY_KEY
+from ..artifacts import BY_KEY, CALIBRATED_QUANTS
 from ..checkpoints.loading import default_model_folder, load_model, load_tokenizer
 from ..checkpoints.pruned import load_pruned
 from ..errors import FaspError, InvalidArgument
@@ -527,7 +527,7 @@ def _export_plan(state: RunState, models: list[ModelEntry], quality_file: Path |
     calib_windows = calib.folder / "windows.pt" if calib is not None else None
     jobs = [_ExportJob(f"{m.label}-{a}", m, a, cfg.folder / "bundles" / f"{m.label}-{a}",
                        fingerprint({"artifact": a, "max_context": x["max_context"], **quality},
-                                   [m.fingerprint] + ([calib.fingerprint] if calib and BY_KEY[a].quant == "8da4w" else [])))
+                                   [m.fingerprint] + ([calib.fingerprint] if calib and BY_KEY[a].quant in CALIBRATED_QUANTS else [])))
             for m in models for a in (x["dense_artifacts"] if m.path is None else x["artifacts"])]
     return _ExportPlan(x["max_context"], quality_file, quality_tokens, calib_windows), jobs
 
@@ -552,7 +552,7 @@ def _export_one(state: RunState, plan: _ExportPlan, job: _ExportJob, children: "
             cmd += ["--quality-text", str(plan.quality_file)]
         elif plan.quality_tokens is not None:
             cmd += ["--quality-tokens", str(plan.quality_tokens)]
-        if quant == "8da4w" and plan.calib_windows is not None:
+        if quant in CALIBRATED_QUANTS and plan.calib_windows is not None:
             cmd += ["--calib-windows", str(plan.calib_windows)]
         log_file = tmp / "export.log"
         rc = children.run(cmd, _child_env(plan.threads), log_file)

@@ -130,8 +130,13 @@ class Attention(nn.Module):
             k = k * cos + _rotate_half(k) * sin
         return q, k, v
 
-    def finish(self, q, k_all, v_all, mask) -> torch.Tensor:
-        out = _attend(q, k_all, v_all, mask, 1.0 if self.q_scale_first else self.scale)
+    def finish(self, q, k_all, v_all, mask, fused: bool = False) -> torch.Tensor:
+        scale = 1.0 if self.q_scale_first else self.scale
+        if fused:  # one op: ONNX's opset-23 Attention when exported (grouped heads, a smaller value head allowed)
+            out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=scale,
+                                                 enable_gqa=self.num_kv_heads < self.num_heads)
+        else:
+            out = _attend(q, k_all, v_all, mask, scale)
         b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.v_head_dim))
 

@@ -32,11 +32,15 @@ from . import family_for
 from .blocks import VALUE_PAD_MODES, Attention, LayerDims, is_rms_norm, load_custom_ops, rotate_half_matrix
 
 
+#: how the ``io`` mode computes attention (see :class:`ExportDecoder`)
+ATTENTION_MODES = ("decomposed", "fused")
+
+
 class _IOStep:
     """One forward of the ``io`` mode: the source norms, HF-style RoPE, past/present tensors."""
 
-    def __init__(self, cos, sin, cache_fns):
-        self.cos, self.sin, self.cache_fns = cos, sin, cache_fns
+    def __init__(self, cos, sin, cache_fns, fused: bool = False):
+        self.cos, self.sin, self.cache_fns, self.fused = cos, sin, cache_fns, fused
 
     def norm(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return module(x)
@@ -44,7 +48,7 @@ class _IOStep:
     def attention(self, attn: Attention, x: torch.Tensor, i: int) -> torch.Tensor:
         q, k, v = attn.project(x, self.cos, self.sin)
         k_all, v_all, mask = self.cache_fns[i](k, v)
-        return attn.finish(q, k_all, v_all, mask)
+        return attn.finish(q, k_all, v_all, mask, self.fused)
 
 
 class _StaticStep:
@@ -72,14 +76,18 @@ class _StaticStep:
 class ExportDecoder(nn.Module):
     """Export-ready decoder over a supported HF causal LM (see the module docstring for the modes).
 
-    ``value_pad`` (static mode, pruned value heads only) is one of :data:`VALUE_PAD_MODES`.
+    ``value_pad`` (static mode, pruned value heads only) is one of :data:`VALUE_PAD_MODES`. ``attention`` (io mode)
+    is one of :data:`ATTENTION_MODES`: ``decomposed`` (matmuls and a softmax, grouped heads without copies) or
+    ``fused`` (``scaled_dot_product_attention``, which the ONNX exporter writes as opset 23's ``Attention`` op).
     """
 
     def __init__(self, model: nn.Module, *, max_context: int, cache: str = "static", full_logits: bool = False,
-                 value_pad: str = "select"):
+                 value_pad: str = "select", attention: str = "decomposed"):
         super().__init__()
         if cache not in ("static", "io"):
             raise ValueError(f"cache must be 'static' or 'io', got {cache!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         if value_pad not in VALUE_PAD_MODES:
             raise ValueError(f"value_pad must be one of {VALUE_PAD_MODES}, got {value_pad!r}")
         family = family_for(model)
@@ -92,6 +100,7 @@ class ExportDecoder(nn.Module):
             raise InvalidArgument(f"--max-context {max_context} exceeds the sliding window ({window}); lower it")
         self.family_name = family.name
         self.cache, self.max_context, self.full_logits = cache, max_context, full_logits
+        self.attention = attention
         self.vocab_size = cfg.vocab_size
         layers = family.layers(model)
         parts = family.export_parts(model)
@@ -215,7 +224,7 @@ class ExportDecoder(nn.Module):
                 return k_all, v_all, mask
 
             cache_fns.append(cache_fn)
-        step = _IOStep(cos, sin, cache_fns)
+        step = _IOStep(cos, sin, cache_fns, fused=self.attention == "fused")
         for i, block in enumerate(self.blocks):
             x = block(x, step, i)
         return (self._head(x, step), *present)

@@ -13,7 +13,10 @@ import org.faspedge.core.Plan
  * The bundle's `model.onnx` in ONNX Runtime, as the core's [Engine]: inputs `input_ids [1, T]` and
  * `past_key_values.{i}.key/value`, outputs `logits [1, vocab]` and `present.{i}.key/value` (the bundle
  * contract; per-layer shapes from the manifest, so pruned models work). The cache is the last run's
- * `present` tensors, fed back as the next run's past.
+ * `present` tensors, fed back as the next run's past: layout BNSH ([org.faspedge.core.ONNX_KV_LAYOUT], the
+ * manifest's `artifacts.onnx.kv_cache`), `[1, kv_heads, positions, head_dim]` for keys and `v_head_dim` for values.
+ * A `--quant 4bit` graph holds ONNX Runtime contrib ops (`MatMulNBits`, `GatherBlockQuantized`), which the
+ * onnxruntime-android package runs; its inputs and outputs are the same.
  */
 class OnnxEngine(bundle: Bundle, plan: Plan, threads: Int) : Engine {
     private val env = OrtEnvironment.getEnvironment()

@@ -1,5 +1,8 @@
 package org.faspedge.core
 
+/** The ONNX KV cache the app's OnnxEngine feeds back: `[1, kv_heads, positions, head_dim]` per layer, per kind. */
+const val ONNX_KV_LAYOUT = "BNSH"
+
 /** The runtimes the app carries: ExecuTorch's LlmModule for `.pte`, ONNX Runtime for `.onnx`. */
 enum class Backend(val format: String, val label: String) {
     PTE("pte", "ExecuTorch (XNNPACK)"),
@@ -7,7 +10,11 @@ enum class Backend(val format: String, val label: String) {
 
     /** Quantizations of this format the app runs (fasp-edge export --quant). */
     val quantizations: Set<String>
-        get() = if (this == PTE) setOf("none", "8da4w") else setOf("none", "int8")
+        get() = if (this == PTE) setOf("none", "8da4w") else setOf("none", "int8", "4bit")
+
+    /** KV-cache layouts of this format's artifacts the app's engine feeds back (null: the format has none recorded). */
+    val kvLayouts: Set<String?>
+        get() = if (this == PTE) setOf(null) else setOf(null, ONNX_KV_LAYOUT)
 
     companion object {
         fun of(name: String): Backend = entries.firstOrNull { it.format == name.lowercase() }
@@ -29,6 +36,7 @@ object Backends {
         for (b in Backend.entries) {
             val art = m.artifacts[b.format] ?: continue
             if (m.quantization !in b.quantizations) continue
+            if (art.kvCache !in b.kvLayouts) continue
             val tok = when (b) {
                 Backend.PTE -> m.tokenizer.runnerTokenizer  // what ExecuTorch's C++ tokenizers read
                 Backend.ONNX -> m.tokenizer.hfTokenizer      // tokenizer.json, read by Tokenizer.kt
@@ -54,6 +62,9 @@ object Backends {
             when {
                 m.quantization !in b.quantizations ->
                     "${art.file}: quantization '${m.quantization}' is not one the app runs on ${b.label} (${b.quantizations.joinToString()})"
+                art.kvCache !in b.kvLayouts ->
+                    "${art.file}: KV-cache layout '${art.kvCache}' is not the one the app feeds back ($ONNX_KV_LAYOUT); " +
+                        "export the bundle with this fasp-edge version"
                 b == Backend.PTE && m.tokenizer.runnerTokenizer == null ->
                     "${art.file}: the bundle names no tokenizer file ExecuTorch's runner can read"
                 b == Backend.ONNX && m.tokenizer.hfTokenizer == null -> "${art.file}: the bundle names no tokenizer.json"

@@ -11,7 +11,12 @@ class BundleException(message: String) : Exception(message)
 
 data class FileRecord(val name: String, val sha256: String, val bytes: Long)
 
-data class Artifact(val format: String, val file: String, val externalData: List<String>)
+/**
+ * One model file of the bundle. [kvCache]: the ONNX graph's KV-cache layout as the manifest records it
+ * (`artifacts.onnx.kv_cache.layout`; "BNSH": `[1, kv_heads, positions, head_dim]`, grown by the graph), null for
+ * a `.pte` or a bundle written before the field existed (those are BNSH too).
+ */
+data class Artifact(val format: String, val file: String, val externalData: List<String>, val kvCache: String? = null)
 
 /** One decoder layer's shapes (a pruned model's differ from layer to layer). */
 data class LayerDims(val ffnDim: Int, val numHeads: Int, val numKvHeads: Int, val headDim: Int, val vHeadDim: Int)
@@ -63,7 +68,8 @@ data class Manifest(
                     a.keys().associateWith { fmt ->
                         val x = a[fmt]
                         Artifact(fmt, x["file"].string(),
-                            if (x.has("external_data")) x["external_data"].list().map { it.string() } else emptyList())
+                            if (x.has("external_data")) x["external_data"].list().map { it.string() } else emptyList(),
+                            if (x.has("kv_cache")) x["kv_cache"]["layout"].string() else null)
                     }
                 }
                 val files = root["files"].let { f ->

@@ -39,6 +39,8 @@ class BundleTest {
         assertEquals(expect["files"].list().map { it.string() }.toSet(), m.files.keys)
         assertEquals(expect["parameters"].long(), m.parameters)
         assertEquals(expect["v_head_dims"].list().map { it.int() }, m.layers.map { it.vHeadDim })
+        assertEquals(ONNX_KV_LAYOUT, m.artifacts["onnx"]!!.kvCache)  // the exporter records the layout the engine feeds
+        assertEquals(null, m.artifacts["pte"]!!.kvCache)
         assertTrue(m.describe().contains("context ${m.maxContext}"), m.describe())
     }
 
@@ -92,6 +94,30 @@ class BackendTest {
         assertEquals("model.ptd", plan.dataFile)  // a .pte keeps its weights in the .ptd LlmModule is given
         assertEquals(Backend.ONNX, Backends.choose(b, Backend.ONNX).backend)  // the bundle has both formats
         assertEquals(null, Backends.choose(b, Backend.ONNX).dataFile)
+    }
+
+    /** A bundle of `fasp-edge export --quant 4bit` (ONNX only): the ONNX engine runs it, ExecuTorch does not. */
+    private fun fourBitBundle(name: String, layout: String = ONNX_KV_LAYOUT): File {
+        val dir = copyOfBundle(name)
+        val mf = File(dir, "manifest.json")
+        mf.writeText(mf.readText().replace(Regex("\"quantization\": *\"none\""), "\"quantization\": \"4bit\"")
+            .replace(Regex("\"layout\": *\"$ONNX_KV_LAYOUT\""), "\"layout\": \"$layout\""))
+        return dir
+    }
+
+    @Test fun runsA4bitOnnxBundleOnOnnxRuntime() {
+        val b = Bundle.open(fourBitBundle("onnx-4bit"))
+        assertEquals("4bit", b.manifest.quantization)
+        assertEquals(listOf(Backend.ONNX), Backends.usable(b).map { it.backend })
+        assertEquals(Backend.ONNX, Backends.choose(b, Backend.PTE).backend)
+        assertEquals(b.manifest.tokenizer.hfTokenizer, Backends.choose(b).tokenizerFile)
+    }
+
+    @Test fun refusesAKvCacheLayoutItDoesNotFeed() {
+        val b = Bundle.open(fourBitBundle("onnx-bsnh", layout = "BSNH"))
+        assertEquals(emptyList(), Backends.usable(b))
+        val e = assertFailsWith<BundleException> { Backends.choose(b) }
+        assertTrue("KV-cache layout 'BSNH'" in e.message!! && "($ONNX_KV_LAYOUT)" in e.message!!, e.message)
     }
 
     @Test fun saysWhyNothingRuns() {
