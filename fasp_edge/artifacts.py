@@ -39,6 +39,6 @@ BY_KEY: dict[str, ArtifactKind] = {k.key: k for k in KINDS}
 FORMATS: tuple[str, ...] = tuple(dict.fromkeys(k.format for k in KINDS))  #: ("pte", "onnx")
 QUANTS: dict[str, tuple[str, ...]] = {q: tuple(k.format for k in KINDS if k.quant == q)
                                       for q in dict.fromkeys(k.quant for k in KINDS)}  #: quant -> formats
-BACKENDS: tuple[str, ...] = (*FORMATS, "torch")
+BACKENDS: tuple[str, ...] = (*FORMATS, "torch")  #: what a runtime engine runs: an artifact format, or PyTorch
 #: the quantizations whose default recipe calibrates on token windows (``--calib-text`` / ``--calib-windows``)
-CALIBRATED_QUANTS: tuple[str, ...] = ("8da4w", "4bit")  #: what a runtime engine runs: an artifact format, or PyTorch
+CALIBRATED_QUANTS: tuple[str, ...] = ("8da4w", "4bit")

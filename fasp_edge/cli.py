@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "offset Linear more per Linear), hqq_scale_only or affine (torchao's symmetric ones); "
                    "4bit: gptq (default: asymmetric blocks, calibrated) or minmax (round to nearest)")
     p.add_argument("--keep-8bit", default=None, help="8da4w / 4bit: comma-separated Linear names (suffixes, e.g. "
-                   "down_proj) kept at 8-bit weights (default for 8da4w gptq: down_proj,v_proj,k_proj; otherwise none)")
+                   "down_proj) kept at 8-bit weights (default for 8da4w gptq: down_proj,v_proj,k_proj; for 4bit: "
+                   "q_proj,k_proj,v_proj,o_proj; otherwise none)")
     p.add_argument("--lm-head", default=None, help="8da4w / 4bit LM head weights: 8bit (default) or 4bit (a tied "
                    "token embedding reads the head's table)")
     p.add_argument("--embedding-quant", default=None, help="8da4w token embedding: 8bit (default; a tied table shares the "

@@ -262,6 +262,27 @@ def test_onnx_4bit_graph_computes_its_dequantized_weights(name, pruned, tmp_path
 
 
 @pytest.mark.slow
+def test_onnx_4bit_rewrites_linears_that_share_one_weight(tmp_path):
+    """Two Linears holding the same weight (here each layer's k_proj and v_proj, made equal) round to the same blocks;
+    the rewrite finds both, whichever constant or node the exporter kept, and the graph still computes them."""
+    from fasp_edge.export.onnx import export_onnx_4bit
+    from fasp_edge.export.quantize import BlockRecipe
+    from fasp_edge.runtime.onnx import OnnxModel
+    from fasp_edge.runtime.parity import logits_parity, parity_prompt
+
+    model = MODEL_BUILDERS["llama-gqa"]()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight.copy_(layer.self_attn.k_proj.weight)
+    info, reference = export_onnx_4bit(model, tmp_path / "model.onnx", max_context=100,
+                                       recipe=BlockRecipe(qparams="minmax", accuracy_level=0))
+    # the exporter may compute the equal k and v products once (same input, same weight): every product left is 4-bit
+    assert info["graph"]["ops"]["MatMulNBits"] >= 13 and "MatMul" not in info["graph"]["ops"], info["graph"]
+    parity = logits_parity(reference, OnnxModel(tmp_path / "model.onnx").step, parity_prompt(96, 16), 4)
+    assert parity["max_abs_diff"] < 1e-4, parity
+
+
+@pytest.mark.slow
 @needs_stories
 def test_onnx_4bit_keeps_stories260k_quality_and_refuses_a_damaged_data_file(stories_bundles, tmp_path, capsys):
     """stories260K dense and FASP-0.3 as --quant 4bit ONNX, measured through ONNX Runtime on held-out text; the

@@ -197,7 +197,11 @@ def test_report_has_every_part(resumed_run):
         for b in doc["bundles"]:
             ref = models[b["model"]]["tasks"]
             assert b["tasks"]["doc_ids"] == ref["doc_ids"] and b["tasks"]["artifact"]["file"].startswith("model.")
-            assert b["tasks"]["choices"] == ref["choices"]  # fp32 artifacts choose as their PyTorch model
+            if b["artifact"] in ("pte", "onnx"):  # fp32 artifacts choose as their PyTorch model
+                assert b["tasks"]["choices"] == ref["choices"]
+            else:  # a 4-bit one may choose otherwise (seen: one of two winogrande documents), on the same documents
+                assert {t: len(c) for t, c in b["tasks"]["choices"].items()} == \
+                    {t: len(c) for t, c in ref["choices"].items()}
         assert "| 100.0% |" in md
     # self-contained: the plots are embedded, nothing is fetched
     assert html.count("data:image/png;base64,") == 2

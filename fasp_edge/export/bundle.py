@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import CALIBRATED_QUANTS, FORMATS, QUANTS
+from ..artifacts import BY_KEY, CALIBRATED_QUANTS, FORMATS, QUANTS
 from ..checkpoints.files import save_tokenizer
 from ..checkpoints.loading import LoadedModel, cache_dir, sentencepiece_file
 from ..errors import FaspError, InvalidArgument
@@ -53,6 +53,8 @@ QUALITY_SEQLEN = 512  # ... of this many tokens (or the context length, if short
 #: fraction of the largest |logit|, where ONNX Runtime rounds activations to int8 (``accuracy_level`` 4); with fp32
 #: compute (``accuracy_level`` 0) the fp32 rule holds (:func:`~fasp_edge.runtime.parity.parity_tolerance`)
 INT8_COMPUTE_TOLERANCE = 0.1
+#: the manifest's precision words where the artifact computes other than in fp32 (ONNX Runtime's int8 compute)
+QUANT_PRECISION = {"4bit": BY_KEY["onnx-4bit"].precision}
 QUALITY_SEED = 1234  # seed of self-written quality text (not the calibration seeds 0, or agreement's)
 CALIBRATION_WINDOWS = 32  # windows the calibrated 4-bit quantizer (the default, --qparams gptq) gathers statistics on ...
 CALIBRATION_SEQLEN = 256  # ... of this many tokens (or the context length, if shorter) ...
@@ -392,7 +394,7 @@ def _manifest(loaded: LoadedModel, dims: list[dict], weights_sha256: str, max_co
         },
         "max_context": max_context,
         "tokenizer": tok,
-        "precision": "float32" if quant == "none" else f"float32 activations, {quant} weights",
+        "precision": "float32" if quant == "none" else QUANT_PRECISION.get(quant, f"float32 activations, {quant} weights"),
         "quantization": quant,
         "export_settings": settings,
         "artifacts": artifacts,

@@ -49,9 +49,9 @@ FUSED_ATTENTION_OPSET = 23
 #: the attention of each kind of exported ONNX graph, by ``--quant`` (:data:`~fasp_edge.models.decoder.ATTENTION_MODES`),
 #: fused where it was measured faster (``benchmarks/onnx_attention.py``, dense SmolLM2, 2 threads, 7 rounds interleaved
 #: in one process, ``benchmarks/results/onnx-attention.md``): opset 23's ``Attention`` op, one node per layer where the
-#: decomposed form has ~10 (``RMSNormalization`` comes with the opset), decodes the 4-bit graph 1.037x faster (median
-#: of per-round ratios) and the fp32 graph 0.977x: the fp32 and int8 graphs keep the decomposed form (and the
-#: exporter's default opset, 20, which ONNX Runtime before 1.23 reads).
+#: decomposed form has ~10 (``RMSNormalization`` comes with the opset), decodes the 4-bit graph (k/v 8-bit there)
+#: 1.037x faster (median of per-round ratios) and the fp32 graph 0.977x: the fp32 graph keeps the decomposed form (and
+#: the exporter's default opset, 20, which ONNX Runtime before 1.23 reads), and so does the int8 one (not measured).
 ONNX_ATTENTION = {"none": "decomposed", "int8": "decomposed", "4bit": "fused"}
 
 
@@ -182,11 +182,13 @@ def write_block_quantized(src: str | Path, dst: str | Path, linears: list[tuple[
     model = onnx.load(str(src))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    by_kn: dict[tuple, tuple[str, BlockQuantLinear]] = {}
-    by_nk: dict[tuple, tuple[str, BlockQuantLinear]] = {}
+    # Linears with the same dequantized weight share a key: any one's blocks hold those values, and all are found
+    by_kn: dict[tuple, list[tuple[str, BlockQuantLinear]]] = {}
+    by_nk: dict[tuple, list[tuple[str, BlockQuantLinear]]] = {}
     for name, mod in linears:
         w = mod.dequantized().numpy()
-        by_kn[_key(w.T)], by_nk[_key(w)] = (name, mod), (name, mod)
+        by_kn.setdefault(_key(w.T), []).append((name, mod))
+        by_nk.setdefault(_key(w), []).append((name, mod))
     table_key = _key(table.dequantized().numpy()) if table is not None else None
     table_name = next((n for n, m in linears if m is table), "embed_tokens")
     producer = {o: n for n in graph.node for o in n.output}
@@ -210,8 +212,8 @@ def write_block_quantized(src: str | Path, dst: str | Path, linears: list[tuple[
             value_cache[name] = _key(numpy_helper.to_array(inits[name]))
         return value_cache[name]
 
-    def weight_of(name: str, transposed: bool) -> tuple[str, BlockQuantLinear] | None:
-        """The quantized Linear whose weight the MatMul input ``name`` is (``transposed``: ``[N, K]`` given)."""
+    def weight_of(name: str, transposed: bool) -> list[tuple[str, BlockQuantLinear]] | None:
+        """The quantized Linears whose weight the MatMul input ``name`` is (``transposed``: ``[N, K]`` given)."""
         if name in inits:
             k = key_of(name)
             return (by_nk if transposed else by_kn).get(k)
@@ -239,7 +241,7 @@ def write_block_quantized(src: str | Path, dst: str | Path, linears: list[tuple[
         if hit is None:
             nodes.append(node)
             continue
-        name, mod = hit
+        name, mod = hit[0]
         b, s, z = constants(name, mod)
         out = node.output[0]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
@@ -249,8 +251,9 @@ def write_block_quantized(src: str | Path, dst: str | Path, linears: list[tuple[
                                       block_size=mod.block, accuracy_level=accuracy_level))
         if bias:
             nodes.append(helper.make_node("Add", [mm_out, bias], [out], name=node.name + "_bias"))
-        found.add(name)
-    missing = sorted({n for n, _ in linears} - found)
+        found.update(n for n, _ in hit)
+    missing = sorted({n for n, _ in linears} - found) + (["the token embedding"] if table is not None
+                                                         and "embed_tokens" not in found else [])
     if missing:
         raise RuntimeError(f"the 4-bit rewrite did not find the weights of {', '.join(missing)} in the exported "
                            "graph; please report it")
@@ -287,7 +290,8 @@ def _gather_blocks(node, table: BlockQuantLinear, names: list[str], new_inits: l
     stem = node.name or node.output[0]
     v, blocks = table.scales.shape
     shape = numpy_helper.from_array(np.array([v, blocks * table.block * table.bits // 8], np.int64), f"{b}.rows_shape")
-    new_inits.append(shape)
+    if shape.name not in {i.name for i in new_inits}:  # a second Gather of the table reads the same shape
+        new_inits.append(shape)
     rows = f"{stem}_packed_rows"
     return [helper.make_node("Reshape", [b, shape.name], [rows], name=f"{stem}_rows"),
             helper.make_node("GatherBlockQuantized", [rows, node.input[1], s, z], list(node.output), name=f"{stem}_q",

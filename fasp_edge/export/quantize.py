@@ -741,8 +741,9 @@ BLOCK_QPARAMS = ("gptq", "minmax")
 RANGE_FACTORS = torch.linspace(0.7, 1.0, 16)
 #: the Linears (name suffixes) the ONNX 4-bit artifact keeps at 8-bit blocks when ``--keep-8bit`` is not given: the
 #: attention's four, whose input is the hidden size (ONNX Runtime's 8-bit kernel costs about the 4-bit one's time
-#: there, unlike on ``down_proj``'s wide input). Chosen on WikiText-2 validation (dense SmolLM2, eager, dequantized
-#: weights, 4 x 512 tokens): all 4-bit 1.131x the fp32 perplexity, k/v 8-bit 1.088x, q/k/v/o 8-bit 1.060x
+#: there, unlike on ``down_proj``'s wide input). Chosen on WikiText-2 validation (``benchmarks/onnx_4bit_recipes.py``:
+#: dense SmolLM2, eager, dequantized weights, 4 x 512 tokens): all 4-bit 1.131x the fp32 perplexity, k/v 8-bit 1.088x,
+#: q/k/v/o 8-bit 1.083x
 ONNX_KEEP_8BIT: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -755,7 +756,8 @@ class BlockRecipe:
     to nearest, no calibration). ``lm_head``: ``8bit`` or ``4bit`` blocks; a tied token embedding reads the head's
     own quantized table (``GatherBlockQuantized``), an untied one gets 4-bit min/max blocks. ``keep_8bit``: Linear
     names (suffixes) kept at 8-bit blocks. ``accuracy_level``: ``MatMulNBits``' compute type on CPU (4: int8
-    activations, ONNX Runtime's fast path; 0: fp32).
+    activations, ONNX Runtime's fast path; 0: fp32). ``block_size``: 32 is the measured default; another size (API
+    only) still has its smoothing searched on groups of 32.
     """
 
     qparams: str = "gptq"
