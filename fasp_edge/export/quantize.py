@@ -790,6 +790,12 @@ class BlockRecipe:
 DEFAULT_BLOCK_RECIPE = BlockRecipe()
 
 
+def _on_blocks(g: torch.Tensor, s: torch.Tensor, z: torch.Tensor, top: int) -> torch.Tensor:
+    """The integers ``q`` (as floats, ``0..top``) of blocks ``g [.., block]`` on the grid ``s·(q - z)`` (``s``, ``z``
+    ``[..]``)."""
+    return torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, top)
+
+
 def asymmetric_blocks(g: torch.Tensor, bits: int, weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales and integer zero points of asymmetric ``bits``-bit blocks ``g [rows, n, block]``: ``w ≈ s·(q - z)``,
     ``q`` in ``0..2^bits - 1``, the range ``[min(g, 0), max(g, 0)]`` (zero is on the grid, as ONNX Runtime's own
@@ -804,8 +810,7 @@ def asymmetric_blocks(g: torch.Tensor, bits: int, weight: torch.Tensor | None = 
     f = RANGE_FACTORS.view(-1, *([1] * lo.dim()))  # every factor at once: [factors, rows, n]
     s = ((hi - lo)[None] * f / top).clamp(min=1e-10)
     z = torch.round(-lo[None] * f / s).clamp(0, top)
-    err = (((torch.clamp(torch.round(g[None] / s[..., None]) + z[..., None], 0, top) - z[..., None]) * s[..., None]
-            - g[None]) ** 2 * weight).sum(-1)
+    err = (((_on_blocks(g[None], s, z, top) - z[..., None]) * s[..., None] - g[None]) ** 2 * weight).sum(-1)
     best = err.argmin(0, keepdim=True)  # the first factor wins a tie
     return s.gather(0, best)[0], z.gather(0, best)[0]
 
@@ -816,7 +821,7 @@ def _minmax_4bit_groups(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     The XNNPACK recipe's symmetric grid with searched scales in its place took 95 of the 133 s of this quantizer on
     SmolLM2's first 3 layers (cProfile, beside another job); with this one the whole took 56 s."""
     s, z = asymmetric_blocks(g, 4)
-    return (torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, 15) - z[..., None]) * s[..., None]
+    return (_on_blocks(g, s, z, 15) - z[..., None]) * s[..., None]
 
 
 def _padded(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -831,8 +836,7 @@ def minmax_blocks(w: torch.Tensor, bits: int, block: int = BLOCK_SIZE) -> tuple[
     wp = _padded(w, block)
     g = wp.reshape(wp.shape[0], -1, block)
     s, z = asymmetric_blocks(g, bits)
-    q = torch.clamp(torch.round(g / s[..., None]) + z[..., None], 0, 2**bits - 1)
-    return q.reshape_as(wp).to(torch.uint8), s, z.to(torch.uint8)
+    return _on_blocks(g, s, z, 2**bits - 1).reshape_as(wp).to(torch.uint8), s, z.to(torch.uint8)
 
 
 def gptq_blocks(w: torch.Tensor, gram: torch.Tensor, bits: int = 4, block: int = BLOCK_SIZE) -> tuple[torch.Tensor, ...]:
