@@ -22,6 +22,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from fasp_edge.fsutil import atomic_file
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("FASP_EDGE_SHARED_DATA", REPO.parent / "shared" / "data"))
 WIKI_VALID = DATA / "wikitext2" / "wiki.valid.tokens"
@@ -68,9 +70,8 @@ def build(folder: str | os.PathLike) -> dict[str, dict]:
         path = out / f"{name}.txt"
         data = text.encode("utf-8")
         if not path.is_file() or path.read_bytes() != data:
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
+            with atomic_file(path) as tmp:
+                tmp.write_bytes(data)
         info[name] = {"path": str(path), "chars": len(text), "sha256": hashlib.sha256(data).hexdigest()}
     info["code-calib"]["modules"] = calib_used
     info["code-test"]["modules"] = test_used

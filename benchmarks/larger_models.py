@@ -52,8 +52,7 @@ def run_measured(cmd: list[str], log_path: Path) -> dict:
     with open(log_path, "w") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
         _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return {"rc": proc.returncode, "seconds": round(time.perf_counter() - t0, 1),
+    return {"rc": os.waitstatus_to_exitcode(status), "seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "command": " ".join(cmd[2:] if cmd[1] == "-m" else cmd)}
 
 

@@ -222,45 +222,44 @@ def _obs_select_columns(w: torch.Tensor, hinv: torch.Tensor, cols: torch.Tensor,
     """
     diag = torch.diagonal(hinv).clone()
     norms = w.square().sum(0)
-    rs: list[torch.Tensor] = []  # pending: H⁻¹ rows at their step (d), W columns / pivot (out)
-    cs: list[torch.Tensor] = []
+    # pending updates, filled row by row: H⁻¹ rows / √pivot (d) and W columns · √pivot / pivot (out)
+    r_buf = hinv.new_empty(OBS_DEFER, hinv.shape[0])
+    c_buf = w.new_empty(OBS_DEFER, w.shape[0])
+    t = 0
     inf = torch.full((len(cols),), math.inf, dtype=norms.dtype, device=norms.device)
     for _ in range(sum(left)):
         err = norms[cols] / diag[cols]
         best = int(torch.argmin(torch.where(open_, err, inf)))
         j = int(cols[best])
-        row, wcol = hinv[j].clone(), w[:, j].clone()
-        if rs:
-            r_mat, c_mat = torch.stack(rs), torch.stack(cs)  # [t, d], [t, out]
-            coef = r_mat[:, j]
-            row -= coef @ r_mat
-            wcol -= coef @ c_mat
+        r_mat, c_mat = r_buf[:t], c_buf[:t]
+        coef = r_mat[:, j]
+        row = hinv[j] - coef @ r_mat
+        wcol = w[:, j] - coef @ c_mat
         pivot = row[j]
         c = wcol / pivot
         # ‖W[:, k] − c r_k‖² = ‖W[:, k]‖² − 2 r_k (cᵀW[:, k]) + r_k² ‖c‖², cᵀW read through the pending updates
-        cw = c @ w
-        if rs:
-            cw -= (c_mat @ c) @ r_mat
+        cw = c @ w - (c_mat @ c) @ r_mat
         norms += row * (row * c.square().sum() - 2 * cw)
         diag -= row.square() / pivot
-        rs.append(row / pivot.sqrt())  # so that H⁻¹ ← H⁻¹ − Σ r rᵀ and W ← W − Σ (c √p) (r/√p)ᵀ
-        cs.append(c * pivot.sqrt())
+        r_buf[t] = row / pivot.sqrt()  # so that H⁻¹ ← H⁻¹ − Σ r rᵀ and W ← W − Σ (c √p) (r/√p)ᵀ
+        c_buf[t] = c * pivot.sqrt()
+        t += 1
         norms[j], diag[j] = 0.0, 1.0  # removed: a zero column and a unit diagonal, as obs_select leaves them
         alive[best] = open_[best] = False
         b = int(buckets[best])
         left[b] -= 1
         if left[b] == 0:
             open_[buckets == b] = False
-        if len(rs) == OBS_DEFER:
-            _obs_flush(w, hinv, rs, cs, cols[~alive], diag, norms)
+        if t == OBS_DEFER:
+            _obs_flush(w, hinv, r_buf, c_buf, cols[~alive], diag, norms)
+            t = 0
     return alive
 
 
-def _obs_flush(w: torch.Tensor, hinv: torch.Tensor, rs: list[torch.Tensor], cs: list[torch.Tensor],
+def _obs_flush(w: torch.Tensor, hinv: torch.Tensor, r_mat: torch.Tensor, c_mat: torch.Tensor,
                removed: torch.Tensor, diag: torch.Tensor, norms: torch.Tensor) -> None:
     """Apply the pending rank-1 updates of :func:`_obs_select_columns` and refresh its running diagonal and norms
     from the updated matrices (so that rounding in the recurrences never accumulates past one block)."""
-    r_mat, c_mat = torch.stack(rs), torch.stack(cs)
     hinv.addmm_(r_mat.T, r_mat, alpha=-1)
     w.addmm_(c_mat.T, r_mat, alpha=-1)
     w[:, removed] = 0
@@ -269,8 +268,6 @@ def _obs_flush(w: torch.Tensor, hinv: torch.Tensor, rs: list[torch.Tensor], cs: 
     hinv[removed, removed] = 1.0
     diag.copy_(torch.diagonal(hinv))
     norms.copy_(w.square().sum(0))
-    rs.clear()
-    cs.clear()
 
 
 def obs_curve(w2: torch.Tensor, gram: torch.Tensor, groups: torch.Tensor, removals: int, damp: float,
