@@ -13,10 +13,22 @@ lands in --work as it finishes and is reused on the next run unless --fresh):
   ``--align 32``, ``--nsamples`` x ``--seqlen`` calibration tokens; records wall time, peak RSS and the prune
   report's stage timings;
 - ``quality``: perplexity of dense, FASP and wanda-sp on the English and the code test text (``--windows`` x 512
-  tokens from the start of each), through PyTorch.
+  tokens from the start of each), through PyTorch;
+- ``export``: dense and each ``--export-methods`` checkpoint as ``pte-8da4w`` (ExecuTorch, the default calibrated
+  recipe) and ``onnx-4bit`` (ONNX Runtime ``MatMulNBits``, calibrated), both calibrated on calib-mixed, with the
+  export's own parity check and quality pass (4 x 512 tokens of WikiText-2 test through the artifact against the
+  PyTorch model it was made from), then the artifact's perplexity on the quality stage's English and code windows
+  through its own runtime (``fasp-edge eval BUNDLE``); records wall time, peak RSS, sizes, partitions;
+- ``bench``: ``fasp-edge bench`` over those bundles (``--profiles``, pte and onnx, ``--rounds`` fresh-process
+  rounds), and llama.cpp on the Q4_0 requantization of the same dense weights (the fetched Q4_K_M GGUF, through
+  benchmarks/runtime.py's side venv and quantizer), in the same run; checks the bars: the pruned 4-bit bundle
+  decodes >= 1.15x the dense one of the same backend and precision in every profile, and fits a memory budget the
+  dense one does not.
 
     .venv/bin/python benchmarks/larger_models.py --models qwen2.5-1.5b --methods fasp --stages prune
+    .venv/bin/python benchmarks/larger_models.py --models qwen2.5-0.5b --stages export,bench
     .venv/bin/python benchmarks/larger_models.py              # every model, method and stage
+    .venv/bin/python benchmarks/larger_models.py --cached-only  # rewrite the results from the rows already made
 
 Writes benchmarks/results/larger-models.{json,md}.
 """
@@ -43,7 +55,11 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 MODELS = ("qwen2.5-0.5b", "qwen2.5-1.5b")
 METHODS = ("fasp", "wanda-sp")
-STAGES = ("prune", "quality")
+STAGES = ("prune", "quality", "export", "bench")
+#: artifact name -> (export --formats, --quant)
+ARTIFACTS = {"pte-8da4w": ("pte", "8da4w"), "onnx-4bit": ("onnx", "4bit")}
+#: the bar of issue 16: a 20% parameter cut decodes at least this much faster than dense, same backend and precision
+SPEEDUP_BAR = 1.15
 
 
 def run_measured(cmd: list[str], log_path: Path) -> dict:
@@ -97,10 +113,133 @@ def quality_row(args, work: Path, texts: dict, model: str, method: str) -> dict:
     return row
 
 
-def cached(work: Path, key: str, fresh: bool, make) -> dict:
+def variant_name(method: str, reduction: float) -> str:
+    return "dense" if method == "dense" else f"{method}-r{round(100 * reduction)}"
+
+
+def bundle_dir(work: Path, model: str, variant: str, artifact: str) -> Path:
+    return work / "bundles" / f"{model}-{variant}-{artifact}"
+
+
+def artifact_of(bundle: str) -> str:
+    """The artifact name (:data:`ARTIFACTS`) a bundle folder's name ends with."""
+    return next(a for a in ARTIFACTS if bundle.endswith(a))
+
+
+def export_row(args, work: Path, texts: dict, model: str, method: str, artifact: str) -> dict:
+    """Export one bundle (measured), then score the artifact on the English and code windows through its runtime."""
+    fmt, quant = ARTIFACTS[artifact]
+    source = model if method == "dense" else str(checkpoint(work, model, method, args.param_reduction))
+    variant = variant_name(method, args.param_reduction)
+    out = bundle_dir(work, model, variant, artifact)
+    cmd = _cli() + ["export", source, "--formats", fmt, "--quant", quant, "--calib-text", texts["calib-mixed"]["path"],
+                    "--quality-text", str(corpora.WIKI_TEST), "--max-context", str(args.max_context), "-o", str(out),
+                    "--overwrite"]
+    log_path = work / f"{out.name}.export.log"
+    res = run_measured(cmd, log_path)
+    if res["rc"] != 0:
+        raise SystemExit(f"export failed ({res['command']}); see {log_path}")
+    m = json.loads((out / "manifest.json").read_text())
+    art = m["artifacts"][fmt]
+    model_files = [f for f in m["files"] if f.startswith("model.")]
+    row = {"model": model, "method": method, "variant": variant, "artifact": artifact, "bundle": str(out), **res,
+           "export_seconds": art.get("export_seconds"), "model_bytes": sum(m["files"][f]["bytes"] for f in model_files),
+           "bundle_bytes": sum(f["bytes"] for f in m["files"].values()), "parameters": m["model"]["parameters"],
+           "parity": m["parity"][fmt], "decoder_parity": m["parity"]["decoder_vs_transformers"],
+           "quality": m.get("quality", {}).get(fmt), "lowering": art.get("lowering"),
+           "quantization": art.get("quantization"), "perplexity": {}}
+    for name, path in (("english", str(corpora.WIKI_TEST)), ("code", texts["code-test"]["path"])):
+        cmd = _cli() + ["--quiet", "eval", str(out), "--backend", fmt, "--text-file", path, "--seqlen", "512",
+                        "--max-windows", str(args.windows), "--json"]
+        log_path = work / f"{out.name}.eval-{name}.log"
+        ev = run_measured(cmd, log_path)
+        if ev["rc"] != 0:
+            raise SystemExit(f"eval failed ({ev['command']}); see {log_path}")
+        got = json.loads(log_path.read_text().strip().splitlines()[-1])
+        row["perplexity"][name] = {"perplexity": got["perplexity"], "seconds": ev["seconds"],
+                                   "peak_rss_mb": ev["peak_rss_mb"]}
+    return row
+
+
+def _llamacpp_q4_0(args, work: Path, model: str) -> dict:
+    """llama.cpp on the Q4_0 requantization of the model's fetched GGUF (the weights our dense model dequantizes),
+    through benchmarks/runtime.py's side venv, quantizer and decode loop; ``{"status": "not measured: ..."}`` if the
+    peer cannot be built or run."""
+    import runtime  # benchmarks/runtime.py: the llama.cpp peer of the SmolLM2 table
+
+    peer: dict = {"llama_cpp_python": runtime.LLAMACPP_VERSION, "threads": runtime.LLAMACPP_THREADS,
+                  "prompt": runtime.PROMPT, "new_tokens": runtime.NEW_TOKENS, "quants": {},
+                  "weights": f"the fetched {registry.KNOWN[model].gguf_name} requantized by llama.cpp's own quantizer "
+                             "(allow_requantize): the dense weights our bundles are made from"}
+    try:
+        py, peer["build"] = runtime._llamacpp_venv(Path(args.llamacpp_venv))
+        q = runtime._llamacpp_quantize(py, registry.gguf_path(model), work / "llamacpp", "Q4_0",
+                                       registry.KNOWN[model].sha256, stem=f"{model}-dense")
+        peer["quants"]["Q4_0"] = {"status": "ok", **q}
+        runtime._llamacpp_measure(py, peer, args.rounds)
+        peer["status"] = peer["quants"]["Q4_0"]["status"]
+    except Exception as e:  # a peer that cannot be set up is recorded, not fatal
+        peer["status"] = f"not measured: {runtime._why(e)}"
+    return peer
+
+
+def bench_row(args, work: Path, model: str, methods: list[str]) -> dict:
+    """``fasp-edge bench`` over the model's bundles, then the llama.cpp Q4_0 peer, one after the other."""
+    bundles = [bundle_dir(work, model, variant_name(m, args.param_reduction), a)
+               for m in ["dense", *methods] for a in ARTIFACTS]
+    missing = [str(b) for b in bundles if not (b / "manifest.json").is_file()]
+    if missing:
+        raise SystemExit(f"bench needs the export stage's bundles first; missing: {', '.join(missing)}")
+    out = work / f"bench-{model}"
+    cmd = _cli() + ["bench", *map(str, bundles), "--profiles", args.profiles, "--backends", "pte,onnx",
+                    "--rounds", str(args.rounds), "-o", str(out), "--overwrite"]
+    res = run_measured(cmd, work / f"bench-{model}.log")
+    if res["rc"] != 0:
+        raise SystemExit(f"bench failed ({res['command']}); see {work / f'bench-{model}.log'}")
+    bench = json.loads((out / "bench.json").read_text())
+    rows = []
+    for r in bench["results"]:
+        row = {"bundle": r["bundle"], "backend": r["backend"], "profile": r["profile"], "status": r["status"],
+               "reason": r.get("reason"), "artifact_bytes": r.get("artifact_bytes")}
+        if r["status"] == "ok":
+            met = r["metrics"]
+            row.update({"decode_tokens_per_s": round(met["decode_tokens_per_s"]["median"], 2),
+                        "decode_values": [round(v, 2) for v in met["decode_tokens_per_s"]["values"]],
+                        "ttft_ms": round(1000 * met["ttft_s"]["median"], 1),
+                        "load_s": round(met["load_s"]["median"], 3), "memory": r["memory"]})
+        rows.append(row)
+    return {"model": model, **res, "output": str(out), "settings": bench["settings"], "profiles": bench["profiles"],
+            "rows": rows, "llamacpp": _llamacpp_q4_0(args, work, model)}
+
+
+def bench_bars(bench: dict, reduction: float) -> dict:
+    """The issue's bars from one bench row: each pruned bundle's decode over the dense bundle's of the same artifact
+    and profile, and which memory budgets the pruned bundle fits that the dense one does not."""
+    by = {(r["bundle"], r["profile"]): r for r in bench["rows"]}
+    model, bars = bench["model"], {}
+    for (bundle, profile), r in by.items():
+        if r["status"] != "ok" or f"{model}-dense-" in bundle:
+            continue
+        artifact = artifact_of(bundle)
+        d = by.get((f"{model}-dense-{artifact}", profile))
+        if not d or d["status"] != "ok":
+            continue
+        speed = r["decode_tokens_per_s"] / d["decode_tokens_per_s"]
+        fits = r["memory"]["verdict"] == "within budget" and d["memory"]["verdict"] != "within budget"
+        bars[f"{bundle} {profile}"] = {"decode_vs_dense": round(speed, 3), "bar": SPEEDUP_BAR,
+                                       "meets": speed >= SPEEDUP_BAR, "model_mb": r["memory"]["model_rss_mb"],
+                                       "dense_model_mb": d["memory"]["model_rss_mb"],
+                                       "budget_mb": r["memory"]["budget_mb"], "fits_where_dense_does_not": fits}
+    return bars
+
+
+def cached(work: Path, key: str, fresh: bool, make, only_cached: bool = False) -> dict | None:
     path = work / f"{key}.json"
     if path.is_file() and not fresh:
         return json.loads(path.read_text())
+    if only_cached:
+        print(f"not run yet: {key}", file=sys.stderr)
+        return None
     row = make()
     atomic_write_text(path, json.dumps(row, indent=1) + "\n")
     return row
@@ -142,6 +281,61 @@ def markdown(doc: dict) -> str:
                 t = (r.get("tasks") or {}).get("tasks", {})
                 cells = [f"{t[n]['acc']:.3f} ± {t[n]['acc_stderr']:.3f}" if n in t else "–" for n in names]
                 lines.append(f"| {r['model']} | {r['method']} | " + " | ".join(cells) + " |")
+    if doc["export"]:
+        lines += ["", "## Artifacts (calibrated on calib-mixed; quality through each artifact's own runtime)", "",
+                  "parity = max |Δ logits| against transformers over a 64-token prefill + 32 greedy decode steps; vs "
+                  "PyTorch = the export's quality pass, 4 x 512 tokens of WikiText-2 test through the artifact, "
+                  "perplexity over the PyTorch model's it was made from, and top-1 agreement; English and code = "
+                  "the artifact's perplexity on the quality stage's windows (`fasp-edge eval BUNDLE`).", "",
+                  "| model | variant | artifact | model file(s) MB | export wall s | peak RSS MB | partitions | parity "
+                  "max abs diff | vs PyTorch | top-1 agreement | English | code |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in doc["export"]:
+            q, low = r["quality"] or {}, r["lowering"] or {}
+            lines.append(f"| {r['model']} | {r['variant']} | {r['artifact']} | {r['model_bytes'] / 1e6:.1f} | "
+                         f"{r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {low.get('delegate_partitions', '–')} | "
+                         f"{r['parity']['max_abs_diff']:.2e} | {q.get('perplexity_ratio', float('nan')):.3f}x | "
+                         f"{q.get('top1_agreement', float('nan')):.3f} | "
+                         f"{r['perplexity']['english']['perplexity']:.3f} | {r['perplexity']['code']['perplexity']:.3f} |")
+    for b in doc["bench"]:
+        s = b["settings"]
+        lines += ["", f"## Runtime: {b['model']} (`fasp-edge bench`, {s['reps']} generations x {s['rounds']} "
+                  "fresh-process rounds, medians)", "",
+                  "| bundle | backend | profile | decode tok/s | vs dense | TTFT ms | load s | model MB | size MB | "
+                  "budget |", "|---|---|---|---|---|---|---|---|---|---|"]
+        dense = {(r["backend"], r["profile"], artifact_of(r["bundle"])): r
+                 for r in b["rows"] if f"{b['model']}-dense-" in r["bundle"] and r["status"] == "ok"}
+        for r in b["rows"]:
+            if r["status"] != "ok":
+                lines.append(f"| {r['bundle']} | {r['backend']} | {r['profile']} | {r['status']}: {r['reason']} "
+                             "| | | | | | |")
+                continue
+            d = dense.get((r["backend"], r["profile"], artifact_of(r["bundle"])))
+            ratio = f"{r['decode_tokens_per_s'] / d['decode_tokens_per_s']:.2f}x" if d else ""
+            mem = r["memory"]
+            verdict = "fits" if mem["verdict"] == "within budget" else "**over**"
+            lines.append(f"| {r['bundle']} | {r['backend']} | {r['profile']} | {r['decode_tokens_per_s']:.1f} | "
+                         f"{ratio} | {r['ttft_ms']:.0f} | {r['load_s']:.2f} | {mem['model_rss_mb']:.0f} | "
+                         f"{r['artifact_bytes'] / 1e6:.1f} | {verdict} ({mem['budget_mb']}) |")
+        peer = b["llamacpp"]
+        q = peer.get("quants", {}).get("Q4_0", {})
+        if q.get("status") == "ok":
+            lines.append(f"| llama.cpp Q4_0 (same dense weights) | llama.cpp {peer['llama_cpp_python']} | "
+                         f"{peer['threads']} threads | {q['decode_tokens_per_s']['median']:.1f} | | {q['ttft_ms']:.0f} "
+                         f"| {q['load_s']['median']:.2f} | | {q['size_mb']:.1f} | |")
+        else:
+            lines.append(f"\nllama.cpp Q4_0: {peer['status']}")
+        lines.append("\nmodel MB = peak RSS of the measuring process less its RSS before loading; budget = the "
+                     "profile's memory budget. TTFT over the profile's prompt; llama.cpp: the runtime.py prompt "
+                     f"({peer['prompt']!r}), {peer['new_tokens']} greedy tokens.")
+    if doc["bars"]:
+        lines += ["", f"## Bars (pruned decode >= {SPEEDUP_BAR}x dense, same backend and precision; a budget the "
+                  "pruned bundle fits and the dense one does not)", ""]
+        for k, v in doc["bars"].items():
+            lines.append(f"- {k}: decode {v['decode_vs_dense']:.3f}x dense ({'meets' if v['meets'] else '**misses**'}"
+                         f" {v['bar']}x); model {v['model_mb']:.0f} MB vs dense {v['dense_model_mb']:.0f} MB, budget "
+                         f"{v['budget_mb']} MB: " + ("fits where dense does not" if v["fits_where_dense_does_not"]
+                                                    else "no budget difference here"))
     return "\n".join(lines) + "\n"
 
 
@@ -156,8 +350,15 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="perplexity windows of 512 tokens per text")
     ap.add_argument("--tasks", default="piqa", help="zero-shot tasks scored with the English text ('' = none)")
     ap.add_argument("--task-limit", type=int, default=100, help="documents per task (a subset drawn with seed 0)")
+    ap.add_argument("--export-methods", default="fasp", help="pruned checkpoints exported beside dense")
+    ap.add_argument("--max-context", type=int, default=512, help="the bundles' KV-cache length")
+    ap.add_argument("--profiles", default="hub,phone-mid", help="bench device profiles")
+    ap.add_argument("--rounds", type=int, default=2, help="bench fresh-process rounds, pooled")
+    ap.add_argument("--llamacpp-venv", default=str(REPO / "benchmarks" / "peers" / "llamacpp-venv"))
     ap.add_argument("--work", default=str(REPO / "out" / "larger"))
     ap.add_argument("--fresh", action="store_true", help="redo rows already in --work")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="make nothing: write the results from the rows already in --work (the others: not run)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -165,7 +366,8 @@ def main() -> None:
     stages = args.stages.split(",")
     doc = {"command": "benchmarks/larger_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "param_reduction": args.param_reduction,
-           "nsamples": args.nsamples, "seqlen": args.seqlen, "texts": texts, "skipped": [], "prune": [], "quality": []}
+           "nsamples": args.nsamples, "seqlen": args.seqlen, "texts": texts, "skipped": [], "prune": [], "quality": [],
+           "export": [], "bench": [], "bars": {}}
     for model in args.models.split(","):
         if not registry.is_present(model):
             doc["skipped"].append(f"{model}: not fetched (fasp-edge models fetch {model})")
@@ -175,15 +377,36 @@ def main() -> None:
         if "prune" in stages:
             for m in methods:
                 key = f"{model}-{m}-r{round(100 * args.param_reduction)}-n{args.nsamples}x{args.seqlen}.prune"
-                doc["prune"].append(cached(work, key, args.fresh, lambda: prune_row(args, work, texts, model, m)))
-                print(f"pruned {model} {m}: {doc['prune'][-1]['seconds']} s, peak {doc['prune'][-1]['peak_rss_mb']} MB")
+                row = cached(work, key, args.fresh, lambda: prune_row(args, work, texts, model, m), args.cached_only)
+                if row:
+                    doc["prune"].append(row)
+                    print(f"pruned {model} {m}: {row['seconds']} s, peak {row['peak_rss_mb']} MB")
         if "quality" in stages:
             for m in ["dense", *methods]:
                 tasks = f"-{args.tasks.replace(',', '+')}{args.task_limit}" if args.tasks else ""
                 key = f"{model}-{m}-r{round(100 * args.param_reduction)}-w{args.windows}{tasks}.quality"
-                doc["quality"].append(cached(work, key, args.fresh, lambda: quality_row(args, work, texts, model, m)))
-                q = doc["quality"][-1]
-                print(f"{model} {m}: English {q['english']['perplexity']:.3f}, code {q['code']['perplexity']:.3f}")
+                q = cached(work, key, args.fresh, lambda: quality_row(args, work, texts, model, m), args.cached_only)
+                if q:
+                    doc["quality"].append(q)
+                    print(f"{model} {m}: English {q['english']['perplexity']:.3f}, code {q['code']['perplexity']:.3f}")
+        exported = [m for m in args.export_methods.split(",") if m]
+        if "export" in stages:
+            for m in ["dense", *exported]:
+                for a in ARTIFACTS:
+                    key = f"{bundle_dir(work, model, variant_name(m, args.param_reduction), a).name}-c{args.max_context}.export"
+                    row = cached(work, key, args.fresh, lambda: export_row(args, work, texts, model, m, a),
+                                 args.cached_only)
+                    if row:
+                        doc["export"].append(row)
+                        print(f"exported {model} {row['variant']} {a}: {row['model_bytes'] / 1e6:.1f} MB, "
+                              f"English {row['perplexity']['english']['perplexity']:.3f}, "
+                              f"code {row['perplexity']['code']['perplexity']:.3f}")
+        if "bench" in stages:
+            key = f"bench-{model}-{'+'.join(exported)}-r{round(100 * args.param_reduction)}-{args.profiles.replace(',', '+')}"
+            row = cached(work, key, args.fresh, lambda: bench_row(args, work, model, exported), args.cached_only)
+            if row:
+                doc["bench"].append(row)
+                doc["bars"].update({f"{model}: {k}": v for k, v in bench_bars(row, args.param_reduction).items()})
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "larger-models.json", json.dumps(doc, indent=1) + "\n")
     atomic_write_text(RESULTS / "larger-models.md", markdown(doc))

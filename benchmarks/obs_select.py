@@ -6,7 +6,8 @@ damping 0.01), 2240 channels removed (25%). The step-by-step greedy (how ``obs_s
 deferred one (:func:`fasp_edge.pipeline.channels._obs_select_columns`, blocks of ``OBS_DEFER``) over all of them;
 both from the same start, in one process. Then one point of the refit's λ search on the kept channels (a Cholesky
 factorization of the kept Gram block, the solve, the error), which FASP's ``--damp auto`` repeats for each of the
-ten λ of ``DAMP_GRID``, twice per MLP pair. Writes benchmarks/results/obs-select.{json,md}.
+ten λ of ``DAMP_GRID``, twice per MLP pair, when it scanned the whole grid (it now walks the grid from the last
+λ chosen, 3-5 points per search: ``choose_damp``). Writes benchmarks/results/obs-select.{json,md}.
 
     .venv/bin/python benchmarks/obs_select.py        # about 2 minutes on 2 cores
 """
@@ -64,7 +65,7 @@ def main() -> None:
     lazy_s = time.perf_counter() - t0
     same = set((~alive).nonzero().squeeze(1).tolist()) <= set((~kept).nonzero().squeeze(1).tolist())
 
-    # one point of the refit's λ search on the kept block (what choose_damp does ten times per search)
+    # one point of the refit's λ search on the kept block (a full scan of the grid: ten of them per search)
     keep = kept.nonzero().squeeze(1)
     w64 = w2.double()
     g_mm, base, w_keep = gram[keep][:, keep], w64 @ gram[:, keep], w64[:, keep]

@@ -352,12 +352,14 @@ def _llamacpp_venv(venv: Path) -> tuple[Path, dict]:
     return py, {**record, "reused": False}
 
 
-def _llamacpp_quantize(py: Path, src: Path, out_dir: Path, quant: str, src_sha256: str) -> dict:
+def _llamacpp_quantize(py: Path, src: Path, out_dir: Path, quant: str, src_sha256: str,
+                       stem: str = "smollm2-dense") -> dict:
     """``src`` quantized to ``quant`` (a llama_ftype suffix: Q4_0, Q8_0) by llama.cpp's own quantizer,
-    ``llama_model_quantize`` with its default parameters but allow_requantize (the source is Q4_1: each tensor is
-    dequantized to fp32, then quantized) and LLAMACPP_THREADS threads, into ``out_dir``. A file already there is
-    reused when the record beside it names the same source bytes, llama-cpp-python version and file type."""
-    dst = out_dir / f"smollm2-dense-{quant}.gguf"
+    ``llama_model_quantize`` with its default parameters but allow_requantize (the source is already quantized,
+    e.g. Q4_1 or Q4_K_M: each tensor is dequantized to fp32, then quantized) and LLAMACPP_THREADS threads, into
+    ``out_dir/{stem}-{quant}.gguf``. A file already there is reused when the record beside it names the same source
+    bytes, llama-cpp-python version and file type."""
+    dst = out_dir / f"{stem}-{quant}.gguf"
     record_file = dst.with_suffix(".json")
     want = {"source": _rel(src), "source_sha256": src_sha256, "llama_cpp_python": LLAMACPP_VERSION,
             "ftype": f"LLAMA_FTYPE_MOSTLY_{quant}", "allow_requantize": True}

@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequential-stats", action="store_true",
                    help="prune each layer's attention first and gather its MLP's statistics through the pruned "
                    "attention (one more pass over the calibration windows per layer)")
+    p.add_argument("--resume-dir", default=None,
+                   help="save the prune's progress in this folder after every layer, and continue from it when the "
+                   "same command runs again (a long prune that was stopped); removed once the checkpoint is written")
     p.add_argument("--calib-file", default=None, help="calibration text file (use validation text, e.g. WikiText-2 valid)")
     p.add_argument("--calib-dataset", default=None, help="wikitext2 or c4 through `datasets` (needs network or cache); "
                    "with neither this nor --calib-file, calibration text is sampled from the model itself")
@@ -470,7 +473,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
                               align=args.align, damp=args.damp, refit_prior=args.refit_prior,
                               sequential=args.sequential_stats, selection=args.selection, device=args.device,
                               calibration=None if calib is None else calib.windows, calibration_description=calib_desc,
-                              overwrite=args.overwrite, progress=not args.quiet, load_seconds=load_seconds)
+                              overwrite=args.overwrite, progress=not args.quiet, load_seconds=load_seconds,
+                              resume_dir=args.resume_dir)
     how = f"sparsity {args.sparsity}" if args.param_reduction is None else \
         f"a parameter reduction of {args.param_reduction} ({args.allocation} allocation)"
     print(f"pruned {loaded.source} with {args.method} at {how}: "

@@ -363,3 +363,17 @@ def test_export_refuses_existing_output(tmp_path, capsys):
     (tmp_path / "b" / "x").write_text("x")
     code, _, err = run_cli(capsys, "export", STORIES, "-o", tmp_path / "b")
     assert_one_line_error(code, err, "--overwrite")
+
+
+def test_prune_with_a_resume_folder_removes_it_once_the_checkpoint_is_written(tmp_path, capsys):
+    out, progress = tmp_path / "s30", tmp_path / "progress"
+    code, stdout, err = run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--align", "2", "--resume-dir", progress, "-o", out)
+    assert code == 0, err
+    assert (out / "config.json").is_file() and not progress.exists()
+    report = json.loads((out / "fasp_report.json").read_text())
+    assert "resumed_layers" not in report  # nothing was there to continue
+    progress.mkdir()
+    (progress / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, *PRUNE, "--sparsity", "0.3", "--resume-dir", progress, "-o", tmp_path / "other")
+    assert code == 2 and "holds no prune progress" in err and err.count("\n") == 1
+    assert (progress / "notes.txt").read_text() == "mine" and not (tmp_path / "other").exists()

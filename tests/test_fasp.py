@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -315,10 +316,21 @@ def test_refit_error_is_the_output_error_and_auto_damp_picks_the_held_out_best()
     assert refit_error(w2, z.T @ z, keep, x) == pytest.approx(direct, rel=1e-9)
     fit, held = z[:450], z[450:]
     for prior in ("zero", "original"):
-        chosen = choose_damp(w2, fit.T @ fit, held.T @ held, keep, prior)
         errs = {d: refit_error(w2, held.T @ held, keep, restore_columns(w2, fit.T @ fit, keep, d, prior))
                 for d in DAMP_GRID}
-        assert chosen in DAMP_GRID and errs[chosen] == min(errs.values())
+        values = list(errs.values())
+        lowest = values.index(min(values))  # the walk is exact where the error falls, then rises, along the grid
+        assert all(a > b for a, b in zip(values[:lowest], values[1:lowest + 1]))
+        assert all(a < b for a, b in zip(values[lowest:], values[lowest + 1:]))
+        for start in (None, *DAMP_GRID, 0.02):  # from anywhere (off-grid: the nearest point), the same λ
+            measured: dict[float, float] = {}
+            chosen = choose_damp(w2, fit.T @ fit, held.T @ held, keep, prior, start, measured)
+            assert chosen == DAMP_GRID[lowest]
+            assert set(measured) <= set(DAMP_GRID) and chosen in measured
+            assert all(measured[d] == pytest.approx(errs[d], rel=1e-9) for d in measured)
+        measured = {}
+        choose_damp(w2, fit.T @ fit, held.T @ held, keep, prior, DAMP_GRID[lowest], measured)
+        assert len(measured) <= 3  # started at the best: the point and its neighbours
 
 
 @pytest.mark.parametrize("prior", ["zero", "original"])
@@ -328,6 +340,9 @@ def test_auto_damp_prunes_and_records_each_pairs_choice(windows, prior):
     report = r.report()
     assert report["damp"] == "auto" and report["refit_prior"] == prior
     assert all(d in DAMP_GRID for d in report["damp_chosen"]["mlp"] + report["damp_chosen"]["attn"])
+    searches = sum(d is not None for d in report["damp_chosen"]["mlp"] + report["damp_chosen"]["attn"])
+    searches *= 2 if report["selection"] == "obs" else 1  # OBS searches once for its selection, once for the refit
+    assert 2 * searches <= report["damp_solves"] < len(DAMP_GRID) * searches  # the walk, not the whole grid
     assert len(report["damp_chosen"]["mlp"]) == 2 and r.ffn_dims == [24, 24]
     with torch.no_grad():
         assert torch.isfinite(model(windows, use_cache=False).logits).all()
@@ -477,3 +492,64 @@ def test_mlp_only_targets_leave_attention_alone(windows):
     model = MODEL_BUILDERS["opt"]()
     r = prune(model, sparsity=0.5, targets=["mlp"], calibration=windows, progress=False)
     assert r.v_head_dims == [8, 8] and r.ffn_dims == [32, 32]
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "opt"])
+def test_a_stopped_prune_continues_from_its_saved_progress_to_the_same_weights(name, windows, tmp_path, monkeypatch):
+    from fasp_edge.pipeline import fasp as fasp_module
+
+    def settings():
+        return dict(param_reduction=0.2, calibration=windows, align=4, damp="auto", progress=False)
+
+    whole = prune(MODEL_BUILDERS[name](), **settings())
+    folder = tmp_path / "progress"
+    real = fasp_module._prune_layer
+
+    def stop_at_layer_1(run, idx, *args):
+        if idx == 1:
+            raise KeyboardInterrupt
+        return real(run, idx, *args)
+
+    # stopped in the allocation pass, at its second layer
+    real_units = fasp_module.pair_units
+
+    def stop_valuing_layer_1(family, layer, idx, *args):
+        if idx == 1:
+            raise KeyboardInterrupt
+        return real_units(family, layer, idx, *args)
+
+    monkeypatch.setattr(fasp_module, "pair_units", stop_valuing_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        prune(MODEL_BUILDERS[name](), **settings(), resume_dir=folder)
+    monkeypatch.setattr(fasp_module, "pair_units", real_units)
+    saved = json.loads((folder / "progress.json").read_text())
+    assert saved["allocation_layers_done"] == 1 and saved["layers_done"] == 0
+    assert not (folder / "allocation.pt").exists()
+
+    # continued, then stopped again at the second layer of the prune itself
+    valued = []
+    monkeypatch.setattr(fasp_module, "pair_units", lambda f, l, idx, *a: valued.append(idx) or real_units(f, l, idx, *a))
+    monkeypatch.setattr(fasp_module, "_prune_layer", stop_at_layer_1)
+    with pytest.raises(KeyboardInterrupt):
+        prune(MODEL_BUILDERS[name](), **settings(), resume_dir=folder)
+    monkeypatch.setattr(fasp_module, "_prune_layer", real)
+    assert valued and min(valued) == 1  # layer 0's values came from the saved pass
+    saved = json.loads((folder / "progress.json").read_text())
+    assert saved["layers_done"] == 1 and (folder / "allocation.pt").is_file() and (folder / "layer-000.pt").is_file()
+    assert not (folder / "allocation-pass.pt").exists() and "allocation_layers_done" not in saved
+    assert not list(folder.glob(".*tmp*"))  # nothing half-written
+
+    pruned_again = []
+    monkeypatch.setattr(fasp_module, "_prune_layer", lambda run, idx, *a: pruned_again.append(idx) or real(run, idx, *a))
+    monkeypatch.setattr(fasp_module, "_allocate", lambda *a, **k: pytest.fail("the saved allocation was not reused"))
+    resumed = prune(MODEL_BUILDERS[name](), **settings(), resume_dir=folder)
+    assert pruned_again == list(range(1, len(whole.ffn_dims)))
+    assert resumed.resumed_layers == 1 and resumed.report()["resumed_layers"] == 1
+    assert resumed.ffn_dims == whole.ffn_dims and resumed.v_head_dims == whole.v_head_dims
+    assert resumed.report()["damp_chosen"] == whole.report()["damp_chosen"]
+    a, b = whole.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # another calibration (or model, or setting) never continues this progress
+    with pytest.raises(InvalidArgument, match="another model, calibration or settings"):
+        prune(MODEL_BUILDERS[name](), **{**settings(), "calibration": windows.flip(0)}, resume_dir=folder)

@@ -14,7 +14,8 @@ layers before it:
    toward the kept columns as they were (``refit_prior="original"``: ``min ||W2 Z − X Z_M||² + λ'||X − W2_M||²``),
    ``W2'[:, M] = (W2 · G[:, M] + λ'·W2[:, M]) · (G[M, M] + λ'·I)⁻¹``, which tends to ``wanda-sp`` (no refit) as λ
    grows; ``damp="auto"`` picks λ for each pair from :data:`DAMP_GRID` by the reconstruction error on every
-   ``HOLDOUT_EVERY``-th calibration window, held out of the fit (the chosen λ is then refit on all windows);
+   ``HOLDOUT_EVERY``-th calibration window, held out of the fit (the chosen λ is then refit on all windows),
+   walking the grid downhill from the λ the previous pair of its kind chose (:func:`~.channels.choose_damp`);
 4. ``W1``'s dead rows (and bias entries) and ``W2``'s dropped columns are physically removed;
 5. a second pass runs the pruned layer to produce the next layer's inputs.
 
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -48,6 +50,7 @@ from .allocation import RULES, allocate, pair_units
 from .channels import HOLDOUT_EVERY, LayerDecision, Refit, keep_count, pair_output, prune_attention, prune_mlp
 from .options import (DEFAULT_ALLOCATION, DEFAULT_DAMP, DEFAULT_REFIT_PRIOR, DEFAULT_SELECTION, METHODS, REFIT_PRIORS,
                       SELECTIONS, TARGETS)
+from .resume import Progress, fingerprint
 from .stats import InputStatistics
 
 log = logging.getLogger(__name__)
@@ -133,6 +136,8 @@ class PruneResult:
     selection: str = "score"
     param_reduction: float | None = None  # the target of --param-reduction (None: --sparsity)
     allocation: str | None = None
+    damp_solves: int = 0  # damp="auto": λ measured in all (one least-squares solve each)
+    resumed_layers: int = 0  # layers restored from a resume folder's saved progress rather than pruned by this run
 
     def report(self) -> dict[str, Any]:
         """JSON-ready summary (``fasp_report.json``)."""
@@ -148,7 +153,8 @@ class PruneResult:
             **({"param_reduction_target": self.param_reduction, "allocation": self.allocation}
                if self.param_reduction is not None else {}),
             **({"damp_chosen": {"mlp": [d.mlp_damp for d in self.decisions],
-                                "attn": [d.attn_damp for d in self.decisions]}} if self.damp == "auto" else {}),
+                                "attn": [d.attn_damp for d in self.decisions]},
+                "damp_solves": self.damp_solves} if self.damp == "auto" else {}),
             "params_before": self.params_before,
             "params_after": self.params_after,
             "param_reduction": 1 - self.params_after / self.params_before,
@@ -159,6 +165,7 @@ class PruneResult:
             "v_head_dims": self.v_head_dims,
             "seconds": self.seconds,
             "timings": self.timings,
+            **({"resumed_layers": self.resumed_layers} if self.resumed_layers else {}),
         }
 
 
@@ -256,17 +263,21 @@ def _gather_statistics(family: ModelFamily, layer: nn.Module, pairs: list[str], 
 
 def _allocate(family: ModelFamily, layers: nn.ModuleList, targets: tuple[str, ...], hidden: torch.Tensor | None,
               kwargs: dict | None, device: torch.device, reduction: float, params_before: int, rule: str,
-              align: int, progress: bool) -> dict[tuple[int, str], int]:
+              align: int, progress: bool, saved: Progress | None = None) -> dict[tuple[int, str], int]:
     """Kept counts per ``(layer, pair)`` for ``reduction`` of all parameters (:mod:`.allocation`), from one pass
     of the first :data:`ALLOCATION_WINDOWS` (``error``: :data:`ERROR_CURVE_WINDOWS`) calibration windows through
-    the unpruned layers (no data: the weights alone)."""
+    the unpruned layers (no data: the weights alone). With ``saved`` the pass saves its progress after every layer
+    and continues from what is saved."""
     # uniform needs the shapes alone; the others read input norms (error: Gram matrices), which a quarter (an
     # eighth) of the windows pin down
     error = rule == "error"
     windows = ERROR_CURVE_WINDOWS if error else ALLOCATION_WINDOWS
     x = None if hidden is None or rule == "uniform" else hidden[:windows].clone()
-    pairs = []
-    for idx in tqdm(range(len(layers)), desc="allocation pass", disable=not progress):
+    t0 = time.perf_counter()
+    pairs = saved.allocation_pass(x) if saved else []
+    first = len({p.layer for p in pairs})
+    for idx in tqdm(range(first, len(layers)), desc="allocation pass", disable=not progress, initial=first,
+                    total=len(layers)):
         layer = layers[idx]
         home = next(layer.parameters()).device
         layer.to(device)
@@ -277,6 +288,8 @@ def _allocate(family: ModelFamily, layers: nn.ModuleList, targets: tuple[str, ..
         for name in targets:
             pairs.append(pair_units(family, layer, idx, name, norms.get(name), rule, align))
         layer.to(home)
+        if saved and idx + 1 < len(layers):
+            saved.save_allocation_pass(pairs, x, time.perf_counter() - t0)
     keep, removed = allocate(pairs, round(reduction * params_before))
     log.info("allocation (%s): %d of %d parameters removed (%.2f%%, asked %.2f%%)", rule, removed, params_before,
              100 * removed / params_before, 100 * reduction)
@@ -305,6 +318,8 @@ def prune(
     selection: str = DEFAULT_SELECTION,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    resume_dir: str | os.PathLike | None = None,
+    model_sha256: str | None = None,
 ) -> PruneResult:
     """Prune ``model`` in place with ``method`` and return the smaller model and its figures.
 
@@ -318,6 +333,9 @@ def prune(
     first and gathers its MLP's statistics in a second pass through the pruned attention (one more forward pass
     over the calibration windows per layer), instead of both from one pass through the unpruned layer.
     Only the layer being pruned sits on ``device``; the rest of the model stays where it is (the CPU).
+    With ``resume_dir`` the run saves its progress there after the allocation and after every layer, and a run
+    with the same model, calibration and settings continues from it (:mod:`.resume`; ``model_sha256``, the
+    model's :func:`~fasp_edge.fsutil.state_dict_sha256` if the caller has it, saves hashing it again).
     """
     del tokenizer
     run = _settings(model, sparsity=sparsity, param_reduction=param_reduction, allocation=allocation, method=method,
@@ -327,6 +345,11 @@ def prune(
     family, layers = run.family, run.family.layers(model)
     params_before = count_parameters(model)
     emb_before = count_embedding_parameters(family, model)
+    saved = None
+    if resume_dir is not None:
+        saved = Progress(resume_dir, fingerprint(run.fingerprint_settings(), calibration,
+                                                 model_sha256 or state_dict_sha256(model)))
+    earlier = saved.seconds if saved else 0.0  # spent by the runs this one continues
     hidden = kwargs = None
     if run.needs_data:  # capture: the first layer's inputs for every calibration window
         t0 = time.perf_counter()
@@ -334,13 +357,26 @@ def prune(
         kwargs = _to(kwargs, run.device)
         run.timings["capture"] = time.perf_counter() - t0
     if param_reduction is not None:  # decide every pair's kept width from the global budget first
-        t0 = time.perf_counter()
-        run.keep_counts = _allocate(family, layers, run.targets, hidden, kwargs, run.device, param_reduction,
-                                    params_before, allocation, align, progress)
-        run.timings["allocation"] = time.perf_counter() - t0
+        run.keep_counts = saved.allocation() if saved else None
+        if run.keep_counts is None:
+            t0 = time.perf_counter()
+            run.keep_counts = _allocate(family, layers, run.targets, hidden, kwargs, run.device, param_reduction,
+                                        params_before, allocation, align, progress, saved)
+            run.timings["allocation"] = time.perf_counter() - t0 + (saved.allocation_before if saved else 0.0)
+            if saved:
+                saved.save_allocation(run.keep_counts, run.timings["allocation"])
+        else:
+            run.timings["allocation"] = saved.state["allocation_seconds"]
 
     decisions: list[LayerDecision] = []
-    for idx in tqdm(range(len(layers)), desc=f"{method} layers", disable=not progress):
+    resumed = 0
+    if saved and saved.layers_done:
+        decisions, state = saved.restore(family, layers, hidden)
+        run.restore_state(state)
+        resumed = len(decisions)
+        log.info("continuing the prune saved in %s after layer %d of %d", resume_dir, saved.layers_done, len(layers))
+    for idx in tqdm(range(len(decisions), len(layers)), desc=f"{method} layers", disable=not progress,
+                    initial=len(decisions), total=len(layers)):
         layer = layers[idx]
         home = next(layer.parameters()).device
         layer.to(run.device)
@@ -350,7 +386,11 @@ def prune(
         layer.to(home)
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
-    return _result(run, model, decisions, params_before, emb_before, time.perf_counter() - start)
+        if saved:
+            saved.save_layer(idx, layer, decisions[-1], hidden if idx + 1 < len(layers) else None, run.saved_state())
+    result = _result(run, model, decisions, params_before, emb_before, earlier + time.perf_counter() - start)
+    result.resumed_layers = resumed
+    return result
 
 
 @dataclass
@@ -373,6 +413,8 @@ class _Settings:
     timings: dict[str, float] = field(default_factory=lambda: {"capture": 0.0, "forward": 0.0, "statistics": 0.0,
                                                                "solve": 0.0})
     keep_counts: dict[tuple[int, str], int] | None = None
+    damp_start: dict[str, float] = field(default_factory=dict)  # damp="auto": the last λ chosen per kind of pair
+    damp_solves: int = 0  # damp="auto": λ measured over the run (one least-squares solve each)
 
     @property
     def restore(self) -> bool:  # FASP refits the kept columns (and so needs the full Gram matrices)
@@ -381,6 +423,26 @@ class _Settings:
     @property
     def holdout(self) -> bool:  # damp="auto" measures each λ on held-out windows
         return self.restore and self.damp == "auto"
+
+    def fingerprint_settings(self) -> dict:
+        """What decides the pruned weights, for :func:`.resume.fingerprint`."""
+        return {"method": self.method, "targets": list(self.targets), "sparsity": self.sparsity,
+                "param_reduction": self.param_reduction, "allocation": self.allocation, "align": self.align,
+                "damp": self.damp, "refit_prior": self.refit_prior, "sequential": self.sequential,
+                "selection": self.selection}
+
+    def saved_state(self) -> dict:
+        """What the layer loop carries from one layer to the next besides the weights (for :mod:`.resume`)."""
+        return {"timings": dict(self.timings), "damp_start": dict(self.damp_start), "damp_solves": self.damp_solves}
+
+    def restore_state(self, state: dict) -> None:
+        """Continue from :meth:`saved_state`: the earlier runs' stage seconds add to this run's (the allocation's
+        are already in, from the saved allocation or this run's)."""
+        for k, v in state.get("timings", {}).items():
+            if k != "allocation":
+                self.timings[k] = self.timings.get(k, 0.0) + v
+        self.damp_start.update(state.get("damp_start", {}))
+        self.damp_solves = int(state.get("damp_solves", 0))
 
 
 def _settings(model: nn.Module, *, sparsity, param_reduction, allocation, method, calibration, targets, align, damp,
@@ -419,18 +481,30 @@ def _prune_layer(run: _Settings, idx: int, layer: nn.Module, hidden: torch.Tenso
         if "attn" in group:
             k = run.keep_counts[(idx, "attn")] if run.keep_counts else \
                 keep_count(family.attention_layout(layer).v_head_dim, run.sparsity, run.align)
-            refit = Refit(run.damp, run.refit_prior, held.get("attn"), run.selection) if run.restore else None
+            refit = Refit(run.damp, run.refit_prior, held.get("attn"), run.selection,
+                          run.damp_start.get("attn")) if run.restore else None
             kept, decision.attn_damp = prune_attention(family, layer, k, stats.get("attn"), refit)
+            _note_damp(run, "attn", refit)
             decision.attn_keep = kept.cpu()
         if "mlp" in group:
             k = run.keep_counts[(idx, "mlp")] if run.keep_counts else \
                 keep_count(family.ffn_dim(layer), run.sparsity, run.align)
-            refit = Refit(run.damp, run.refit_prior, held.get("mlp"), run.selection) if run.restore else None
+            refit = Refit(run.damp, run.refit_prior, held.get("mlp"), run.selection,
+                          run.damp_start.get("mlp")) if run.restore else None
             kept, decision.mlp_damp = prune_mlp(family, layer, k, stats.get("mlp"), refit)
+            _note_damp(run, "mlp", refit)
             decision.mlp_keep = kept.cpu()
         run.timings["solve"] += time.perf_counter() - t0
         del stats, held
     return decision
+
+
+def _note_damp(run: _Settings, kind: str, refit: Refit | None) -> None:
+    """Keep what a pair's λ search found for the next pair of its kind to start from, and count its solves."""
+    if refit is not None and refit.damp == "auto":
+        run.damp_solves += refit.solves
+        if refit.start is not None:
+            run.damp_start[kind] = refit.start
 
 
 def _propagate(run: _Settings, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> None:
@@ -467,6 +541,7 @@ def _result(run: _Settings, model: nn.Module, decisions: list[LayerDecision], pa
         nonembedding_params_after=params_after - emb_after,
         seconds=seconds,
         timings={k: round(v, 3) for k, v in run.timings.items()},
+        damp_solves=run.damp_solves,
     )
 
 
@@ -475,16 +550,19 @@ def prune_checkpoint(loaded, out: str | os.PathLike, *, sparsity: float | None, 
                      calibration_description: dict | None, overwrite: bool = True, progress: bool = True,
                      load_seconds: float | None = None, refit_prior: str = DEFAULT_REFIT_PRIOR,
                      sequential: bool = False, param_reduction: float | None = None,
-                     allocation: str = DEFAULT_ALLOCATION, selection: str = DEFAULT_SELECTION) -> dict:
+                     allocation: str = DEFAULT_ALLOCATION, selection: str = DEFAULT_SELECTION,
+                     resume_dir: str | os.PathLike | None = None) -> dict:
     """Prune ``loaded`` (in place) and save it as a checkpoint at ``out`` with its ``fasp_report.json``: what
     ``fasp-edge prune`` and ``fasp-edge run``'s prune stage do once the model and its calibration windows are
-    loaded."""
+    loaded. With ``resume_dir`` the prune saves its progress there (and continues from what is there); the folder
+    is removed once the checkpoint is written."""
     source_hash = state_dict_sha256(loaded.model)
     calib_desc = calibration_description or {"none": "magnitude needs no data"}
     result = prune(loaded.model, loaded.tokenizer, sparsity=sparsity, param_reduction=param_reduction,
                    allocation=allocation, method=method, calibration=calibration,
                    targets=targets, align=align, damp=damp, refit_prior=refit_prior, sequential=sequential,
-                   selection=selection, device=device, progress=progress)
+                   selection=selection, device=device, progress=progress, resume_dir=resume_dir,
+                   model_sha256=source_hash)
     report = {"source_model": loaded.source, "source_sha256": source_hash, "calibration": calib_desc,
               **({"load_seconds": round(load_seconds, 3)} if load_seconds is not None else {}), **result.report()}
     section = fasp_section(loaded.model, method=method, sparsity=sparsity, extra={
@@ -499,4 +577,6 @@ def prune_checkpoint(loaded, out: str | os.PathLike, *, sparsity: float | None, 
     save_pruned(loaded.model, loaded.tokenizer, out, section, overwrite=overwrite,
                 extra_files={"fasp_report.json": json.dumps(report, indent=2) + "\n"},
                 copy_files={"tokenizer.model": spm} if spm else None)
+    if resume_dir is not None:
+        shutil.rmtree(resume_dir, ignore_errors=True)
     return report
