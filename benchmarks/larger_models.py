@@ -226,7 +226,7 @@ def bench_rows(bench: dict) -> list[dict]:
     return rows
 
 
-def bench_bars(bench: dict, reduction: float) -> dict:
+def bench_bars(bench: dict) -> dict:
     """The issue's bars from one bench row: each pruned bundle's decode over the dense bundle's of the same artifact
     and profile (the bench's own figure, the median of its per-round ratios, and the ratio of the pooled medians),
     and which memory budgets the pruned bundle fits that the dense one does not."""
@@ -425,7 +425,7 @@ def main() -> None:
             row = cached(work, key, args.fresh, lambda: bench_row(args, work, model, exported), args.cached_only)
             if row:
                 doc["bench"].append(row)
-                doc["bars"].update({f"{model}: {k}": v for k, v in bench_bars(row, args.param_reduction).items()})
+                doc["bars"].update({f"{model}: {k}": v for k, v in bench_bars(row).items()})
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "larger-models.json", json.dumps(doc, indent=1) + "\n")
     atomic_write_text(RESULTS / "larger-models.md", markdown(doc))

@@ -349,7 +349,6 @@ def prune(
     if resume_dir is not None:
         saved = Progress(resume_dir, fingerprint(run.fingerprint_settings(), calibration,
                                                  model_sha256 or state_dict_sha256(model)))
-    earlier = saved.seconds if saved else 0.0  # spent by the runs this one continues
     hidden = kwargs = None
     if run.needs_data:  # capture: the first layer's inputs for every calibration window
         t0 = time.perf_counter()
@@ -388,7 +387,8 @@ def prune(
             torch.cuda.empty_cache()
         if saved:
             saved.save_layer(idx, layer, decisions[-1], hidden if idx + 1 < len(layers) else None, run.saved_state())
-    result = _result(run, model, decisions, params_before, emb_before, earlier + time.perf_counter() - start)
+    seconds = saved.elapsed() if saved else time.perf_counter() - start  # with saved progress: every run's
+    result = _result(run, model, decisions, params_before, emb_before, seconds)
     result.resumed_layers = resumed
     return result
 

@@ -77,11 +77,6 @@ class Progress:
     def layers_done(self) -> int:
         return int(self.state["layers_done"])
 
-    @property
-    def seconds(self) -> float:
-        """Seconds the earlier runs spent on this prune."""
-        return float(self.state["seconds"])
-
     def _save(self, name: str, obj: Any) -> None:
         with atomic_file(self.folder / name) as tmp:
             torch.save(obj, tmp)
