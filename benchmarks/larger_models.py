@@ -92,7 +92,7 @@ def prune_row(args, work: Path, texts: dict, model: str, method: str) -> dict:
         raise SystemExit(f"prune failed ({res['command']}); see {work / (out.name + '.prune.log')}")
     report = json.loads((out / "fasp_report.json").read_text())
     keep = ("params_before", "params_after", "param_reduction", "seconds", "timings", "load_seconds", "damp_solves",
-            "resumed_layers")
+            "resumed_layers", "layer_seconds")
     return {"model": model, "method": method, "checkpoint": str(out), **res,
             "report": {k: report[k] for k in keep if k in report}}
 
@@ -264,20 +264,61 @@ def cached(work: Path, key: str, fresh: bool, make, only_cached: bool = False) -
     return row
 
 
+#: what names a row of each stage: a row of the previous results with the same identity is replaced, not kept
+ROW_IDENTITY = {"prune": ("model", "method"), "quality": ("model", "method"), "export": ("model", "variant", "artifact"),
+                "bench": ("model",)}
+
+
+def carry_previous(doc: dict, previous: dict | None) -> None:
+    """Keep the rows of the previous results file that this run neither made nor found in --work (an earlier
+    session's cache that is gone, or a model this run did not touch), so the results accumulate instead of losing
+    them. Only rows made with the same cut and calibration are kept; each one is listed in ``doc["carried"]`` with
+    the date of the file it came from, and the markdown says so."""
+    settings = ("param_reduction", "nsamples", "seqlen")
+    if not previous or any(previous.get(k) != doc[k] for k in settings):
+        return
+    order = {m: i for i, m in enumerate(MODELS)}
+    for stage, fields in ROW_IDENTITY.items():
+        have = {tuple(r.get(f) for f in fields) for r in doc[stage]}
+        for r in previous.get(stage, []):
+            ident = tuple(r.get(f) for f in fields)
+            if ident in have:
+                continue
+            made = r.setdefault("results_date", previous.get("date", "?"))  # kept through later carries
+            doc[stage].append(r)
+            doc["carried"].append(f"{stage}: {' '.join(map(str, ident))} (from the results of {made})")
+            if stage == "bench":
+                doc["bars"].update({k: v for k, v in previous.get("bars", {}).items()
+                                    if k.startswith(f"{r['model']}: ")})
+        doc[stage].sort(key=lambda r: order.get(r.get("model"), len(order)))
+
+
+def _spread(values: list[float] | None) -> str:
+    if not values:
+        return "–"
+    v = sorted(values)
+    return f"{v[0]:.0f} / {v[len(v) // 2]:.0f} / {v[-1]:.0f}"
+
+
 def markdown(doc: dict) -> str:
     lines = [f"# Larger models (dequantized Q4_K_M): a {round(100 * doc['param_reduction'])}% parameter cut",
              "", f"`{doc['command']}` ({doc['date']}, {doc['machine']})", "",
              f"Calibration: {doc['nsamples']} x {doc['seqlen']} tokens of calib-mixed (WikiText-2 validation + "
              "stdlib modules a-m); evaluation: WikiText-2 test and stdlib modules n-z (benchmarks/corpora.py).", ""]
+    if doc.get("carried"):
+        lines += ["Rows kept from an earlier run's results (not remade by this command; same cut and calibration):", "",
+                  *[f"- {c}" for c in doc["carried"]], ""]
     if doc["prune"]:
         lines += ["## Pruning cost", "", "| model | method | parameters | removed | wall s | peak RSS MB | "
-                  "load s | allocation s | forward s | statistics s | solve s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "load s | allocation s | forward s | statistics s | solve s | a layer, s (min / median / max) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in doc["prune"]:
             rep, t = r["report"], r["report"].get("timings", {})
             lines.append(f"| {r['model']} | {r['method']} | {rep.get('params_before', 0) / 1e6:.0f}M -> "
                          f"{rep.get('params_after', 0) / 1e6:.0f}M | {100 * rep.get('param_reduction', 0):.1f}% | "
                          f"{r['seconds']:.0f} | {r['peak_rss_mb']:.0f} | {rep.get('load_seconds', 0):.0f} | "
-                         f"{t.get('allocation', 0):.0f} | {t.get('forward', 0):.0f} | {t.get('statistics', 0):.0f} | {t.get('solve', 0):.0f} |")
+                         f"{t.get('allocation', 0):.0f} | {t.get('forward', 0):.0f} | {t.get('statistics', 0):.0f} | "
+                         f"{t.get('solve', 0):.0f} | {_spread(rep.get('layer_seconds'))} |")
         lines.append("")
     if doc["quality"]:
         lines += ["## Perplexity (PyTorch, fp32 weights)", "",
@@ -386,7 +427,7 @@ def main() -> None:
     doc = {"command": "benchmarks/larger_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "param_reduction": args.param_reduction,
            "nsamples": args.nsamples, "seqlen": args.seqlen, "texts": texts, "skipped": [], "prune": [], "quality": [],
-           "export": [], "bench": [], "bars": {}}
+           "export": [], "bench": [], "bars": {}, "carried": []}
     for model in args.models.split(","):
         if not registry.is_present(model):
             doc["skipped"].append(f"{model}: not fetched (fasp-edge models fetch {model})")
@@ -426,6 +467,8 @@ def main() -> None:
             if row:
                 doc["bench"].append(row)
                 doc["bars"].update({f"{model}: {k}": v for k, v in bench_bars(row).items()})
+    previous = RESULTS / "larger-models.json"
+    carry_previous(doc, json.loads(previous.read_text()) if previous.is_file() else None)
     RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_text(RESULTS / "larger-models.json", json.dumps(doc, indent=1) + "\n")
     atomic_write_text(RESULTS / "larger-models.md", markdown(doc))

@@ -368,7 +368,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
                            overwrite=args.overwrite, recipe=recipe, quality_text=text,
                            quality_windows_count=args.quality_windows, quality_tokens=quality_tokens,
                            calibration_text=calib,
-                           calibration=windows, progress=not args.quiet)
+                           calibration=windows, progress=not args.quiet, keep_model=False)
     info = describe(bundle)
     par, qual = bundle.manifest["parity"], bundle.manifest.get("quality", {})
     parity = ", ".join(f"{k} max|Δ| {par[k]['max_abs_diff']:.1e}" for k in bundle.formats)

@@ -543,3 +543,39 @@ def test_pruned_checkpoint_carries_the_sentencepiece_model(stories_bundles):
     path, _ = stories_bundles["fasp"]
     assert (path.parent / "fasp-checkpoint" / "tokenizer.model").is_file()
     assert load_bundle(path).manifest["tokenizer"]["runner_tokenizer"] == "tokenizer.model"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt,quant", [("pte", "8da4w"), ("onnx", "4bit")])
+def test_an_export_that_may_consume_its_model_quantizes_it_in_place_into_the_same_bundle(fmt, quant, tmp_path):
+    """keep_model=False (what `fasp-edge export` passes: it has no use for the model afterwards) quantizes the model
+    itself instead of a copy, a whole fp32 model less of peak memory; the parity and quality checks compare with
+    the fp32 logits taken before. The bundle is the same file for file, and every check gives the same figures."""
+    from fasp_edge.fsutil import state_dict_sha256
+
+    def export(keep: bool):
+        model = MODEL_BUILDERS["qwen2-bias"]()
+        before = state_dict_sha256(model)
+        b = export_bundle(LoadedModel(model, _ByteTok(), "random-qwen2"), tmp_path / f"keep-{keep}",
+                          formats=[fmt], quant=quant, max_context=100, progress=False, keep_model=keep,
+                          calibration=random_windows(4, 16), quality_tokens=random_windows(2, 24, seed=1))
+        changed = any(not isinstance(m, torch.nn.Linear) for m in _linear_slots(model)) or \
+            state_dict_sha256(model) != before
+        return b.manifest, before, changed
+
+    kept, before, changed = export(True)
+    consumed, before_2, consumed_changed = export(False)
+    assert before == before_2 and not changed and consumed_changed  # the copy left the model as it was
+    assert {k: v["sha256"] for k, v in kept["files"].items() if k != "manifest.json"} == \
+        {k: v["sha256"] for k, v in consumed["files"].items() if k != "manifest.json"}
+    for key in ("parity", "model"):
+        assert kept[key] == consumed[key], key
+    drop = {"seconds"}
+    assert {k: v for k, v in kept["quality"][fmt].items() if k not in drop} == \
+        {k: v for k, v in consumed["quality"][fmt].items() if k not in drop}
+
+
+def _linear_slots(model) -> list:
+    """What sits where the decoder layers' Linears were (a quantized module once replaced in place)."""
+    return [getattr(m, n) for m in model.modules() for n in ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
+            if hasattr(m, n)]

@@ -545,6 +545,9 @@ def test_a_stopped_prune_continues_from_its_saved_progress_to_the_same_weights(n
     resumed = prune(MODEL_BUILDERS[name](), **settings(), resume_dir=folder)
     assert pruned_again == list(range(1, len(whole.ffn_dims)))
     assert resumed.resumed_layers == 1 and resumed.report()["resumed_layers"] == 1
+    # every layer's seconds are in the report, the saved run's layer 0 among them
+    assert len(resumed.report()["layer_seconds"]) == len(whole.report()["layer_seconds"]) == len(whole.ffn_dims)
+    assert resumed.report()["layer_seconds"][0] == saved["run"]["layer_seconds"][0] > 0
     assert resumed.ffn_dims == whole.ffn_dims and resumed.v_head_dims == whole.v_head_dims
     assert resumed.report()["damp_chosen"] == whole.report()["damp_chosen"]
     a, b = whole.model.state_dict(), resumed.model.state_dict()

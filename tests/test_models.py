@@ -175,3 +175,46 @@ def test_fetched_qwen_0_5b_is_the_model_the_entry_names():
     exec("\n".join(lines[:end]), namespace)  # our pinned model's greedy output, a plain function
     f = [namespace["fibonacci"](k) for k in range(3, 12)]
     assert all(f[i + 2] == f[i + 1] + f[i] for i in range(len(f) - 2)) and f[-1] > f[0] > 0  # a correct body
+
+
+def _larger_models_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "larger_models.py"
+    spec = importlib.util.spec_from_file_location("larger_models_under_test", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_larger_models_results_keep_rows_this_run_did_not_make():
+    """benchmarks/larger_models.py rewrites its results from the rows in --work; rows of the previous results
+    file that this run did not make (an earlier machine's cache is gone) are kept and listed, rows it made replace
+    theirs, and rows made with another cut are dropped."""
+    lm = _larger_models_script()
+
+    def doc(date, **rows):
+        base = {"date": date, "param_reduction": 0.2, "nsamples": 32, "seqlen": 512, "prune": [], "quality": [],
+                "export": [], "bench": [], "bars": {}, "carried": []}
+        return {**base, **rows}
+
+    old = doc("day 1", prune=[{"model": "qwen2.5-0.5b", "method": "fasp", "seconds": 1}],
+              quality=[{"model": "qwen2.5-0.5b", "method": "dense", "v": "old"},
+                       {"model": "qwen2.5-1.5b", "method": "dense", "v": "old"}],
+              bench=[{"model": "qwen2.5-0.5b"}], bars={"qwen2.5-0.5b: x hub": {"meets": True}})
+    new = doc("day 2", prune=[{"model": "qwen2.5-1.5b", "method": "fasp", "seconds": 2}],
+              quality=[{"model": "qwen2.5-1.5b", "method": "dense", "v": "new"}])
+    lm.carry_previous(new, old)
+    assert [r["model"] for r in new["prune"]] == ["qwen2.5-0.5b", "qwen2.5-1.5b"]  # MODELS order
+    assert [r["v"] for r in new["quality"]] == ["old", "new"]  # 0.5B kept, 1.5B replaced by this run's row
+    assert new["bars"] == {"qwen2.5-0.5b: x hub": {"meets": True}}
+    assert len(new["carried"]) == 3 and all("day 1" in c for c in new["carried"])
+    listed = lm.markdown({**doc("day 2"), "carried": new["carried"], "machine": "m", "command": "c"})
+    assert "Rows kept from an earlier run" in listed and "- prune: qwen2.5-0.5b fasp (from the results of day 1)" in listed
+
+    later = doc("day 3")
+    lm.carry_previous(later, new)  # carried again: the row still says when it was made
+    assert all("day 1" in c for c in later["carried"] if "qwen2.5-0.5b" in c)
+    assert any("day 2" in c for c in later["carried"])
+
+    other_cut = doc("day 3", param_reduction=0.3)
+    lm.carry_previous(other_cut, new)
+    assert other_cut["carried"] == [] and other_cut["prune"] == []

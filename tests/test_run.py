@@ -157,6 +157,7 @@ def test_resume_redoes_only_what_was_not_finished(resumed_run):
         assert skipped == (name in killed["complete_bundles"]), name
     assert not by_stage["bench"][0]["skipped"]
     assert not _temporaries(folder)  # the killed run's temporary folder was removed
+    assert not list((folder / "pruned").glob(".*progress*"))  # a finished prune's saved progress is removed
     for name in exports:  # every bundle is complete and matches its hashes
         b = load_bundle(folder / "bundles" / name)
         if b.manifest["quantization"] == "none":

@@ -39,7 +39,7 @@ from ..pipeline.perplexity import compare_log_probs
 from ..runtime.bundle import BUNDLE_FORMAT_VERSION, PTE_DATA_FILE, Bundle, load_bundle
 from ..runtime.executorch import PteModel
 from ..runtime.onnx import OnnxModel, io_names
-from ..runtime.parity import check_export_parity, logits_parity, parity_prompt
+from ..runtime.parity import check_export_parity, logits_parity, parity_prompt, reference_logits
 from ..versions import library_versions
 from .executorch import export_pte, runner_metadata
 from .onnx import ONNX_ATTENTION, export_onnx, export_onnx_4bit, kv_cache_layout, quantize_int8
@@ -222,23 +222,36 @@ def cached_self_written(key: dict, sample) -> torch.Tensor:
         return windows
 
 
-def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = True) -> dict:
+def reference_log_probs(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    """The PyTorch ``model``'s next-token log-probabilities on each window (``[T - 1, V]`` each): what
+    :func:`artifact_quality` compares an artifact with, computed once (e.g. before the model is quantized in
+    place)."""
+    with torch.no_grad():
+        return [torch.log_softmax(model(row.unsqueeze(0), use_cache=False).logits[0, :-1].float(), dim=-1)
+                for row in windows]
+
+
+def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = True,
+                     reference: list[torch.Tensor] | None = None) -> dict:
     """Teacher-forced quality of an artifact against the PyTorch model it was made from.
 
     Every window is fed through the artifact's own runtime one token per call (``step_fn(tokens, start)``,
     position 0 starting a new sequence), exactly as a generating app drives it; the PyTorch model scores
-    the same windows. Returns the top-1 agreement of next-token predictions, the perplexity of both on
-    the window text and their ratio (``exp`` of the mean NLL difference), and the mean KL(model || artifact).
+    the same windows (or ``reference``: its :func:`reference_log_probs` on them, computed earlier; then ``model``
+    is not used). Returns the top-1 agreement of next-token predictions, the perplexity of both on the window
+    text and their ratio (``exp`` of the mean NLL difference), and the mean KL(model || artifact).
     """
 
     n, length = windows.shape
+    if reference is not None and len(reference) != n:
+        raise ValueError(f"the reference scores {len(reference)} windows, not {n}")
     same = 0
     nll_ref = nll_art = kl = 0.0
     t0 = time.perf_counter()
     bar = tqdm(total=n * length, desc="artifact quality", unit="tok", disable=not progress, leave=False)
     with torch.no_grad():
-        for row in windows:
-            ref = torch.log_softmax(model(row.unsqueeze(0), use_cache=False).logits[0, :-1].float(), dim=-1)
+        for w, row in enumerate(windows):
+            ref = reference[w] if reference is not None else reference_log_probs(model, row.unsqueeze(0))[0]
             got = []
             for i in range(length - 1):
                 got.append(step_fn(row[i : i + 1].view(1, 1), i).float())
@@ -264,7 +277,7 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
                   quality_text: str | None = None, quality_windows_count: int = QUALITY_WINDOWS,
                   quality_tokens: torch.Tensor | None = None,
                   calibration_text: str | None = None, calibration: torch.Tensor | None = None,
-                  progress: bool = True) -> Bundle:
+                  progress: bool = True, keep_model: bool = True) -> Bundle:
     """Export ``loaded`` (dense or pruned) into a verified bundle at ``out``.
 
     ``recipe`` says how ``quant="8da4w"`` (a :class:`~.quantize.Recipe`, default :data:`~.quantize.DEFAULT_RECIPE`)
@@ -278,6 +291,11 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     with ``qparams="gptq"`` calibrates on ``calibration`` (token windows ``[n, T]``, e.g. a ``fasp-edge run``'s
     calibration stage's), else on :func:`quantizer_windows` of ``calibration_text`` (validation text; without
     it, text the model writes itself).
+
+    ``keep_model=False`` lets a quantized export (8da4w, 4bit) quantize ``loaded.model`` in place for its last
+    format instead of a copy (the copy is a whole fp32 model: a 1.5B model's 7 GB of peak memory), after the
+    PyTorch model's logits on the parity prompt and the quality windows are computed; ``loaded.model`` must not
+    be used afterwards. The bundle is the same either way.
     """
     check_export_arguments(list(formats), quant)
     recipe = recipe or (DEFAULT_BLOCK_RECIPE if quant == "4bit" else DEFAULT_RECIPE)
@@ -311,26 +329,34 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
     steps = tqdm(total=len(formats) + 1, desc="export", disable=not progress)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         decoder_parity, dims = _check_decoder(model, max_context, prompt, parity_steps)
+        about = _model_facts(loaded, dims, weights_sha256)  # read before a quantization in place changes the model
+        eos_ids = eos_ids_of(model, loaded.tokenizer)
         steps.update(1)
-        for fmt in formats:
+        for i, fmt in enumerate(formats):
             t0 = time.perf_counter()
+            in_place = not keep_model and quant in CALIBRATED_QUANTS and i == len(formats) - 1
+            ref_logits = ref_quality = None
+            if in_place:  # what the checks compare with, from the fp32 model before it is quantized
+                ref_logits = reference_logits(model, prompt, parity_steps)
+                ref_quality = reference_log_probs(model, quality_set) if quality_set is not None else None
             if fmt == "pte":
                 info, runtime = _export_pte_artifact(model, tmp, max_context, quant, prompt, parity_steps,
-                                                     loaded.tokenizer, recipe, calibration, progress)
+                                                     loaded.tokenizer, recipe, calibration, progress,
+                                                     in_place=in_place, reference=ref_logits)
             else:
                 info, runtime = _export_onnx_artifact(model, tmp, max_context, quant, prompt, parity_steps, recipe,
-                                                      calibration, progress)
+                                                      calibration, progress, in_place=in_place, reference=ref_logits)
             info["export_seconds"] = round(time.perf_counter() - t0, 2)
             if quality_set is not None:
                 info["quality"] = {**quality_source, **artifact_quality(model, runtime.step, quality_set,
-                                                                        progress=progress)}
+                                                                        progress=progress, reference=ref_quality)}
+            del ref_logits, ref_quality
             artifacts[fmt] = info
             steps.update(1)
-        tok = _tokenizer_facts(loaded.tokenizer, tmp, sentencepiece_file(loaded), eos_ids_of(model, loaded.tokenizer))
+        tok = _tokenizer_facts(loaded.tokenizer, tmp, sentencepiece_file(loaded), eos_ids)
         files = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
                  for p in sorted(tmp.iterdir()) if p.is_file()}
-        manifest = _manifest(loaded, dims, weights_sha256, max_context, tok, quant, settings, artifacts,
-                             decoder_parity, files)
+        manifest = _manifest(about, max_context, tok, quant, settings, artifacts, decoder_parity, files)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     steps.close()
     return load_bundle(out)
@@ -371,27 +397,33 @@ def _check_decoder(model, max_context: int, prompt: torch.Tensor, steps: int) ->
     return parity, [dataclasses.asdict(d) for d in ref_decoder.dims]
 
 
-def _manifest(loaded: LoadedModel, dims: list[dict], weights_sha256: str, max_context: int, tok: dict, quant: str,
-              settings: dict, artifacts: dict, decoder_parity: dict, files: dict) -> dict:
-    """``manifest.json``: what the bundle holds, what it was made from and how, and what was measured of it."""
+def _model_facts(loaded: LoadedModel, dims: list[dict], weights_sha256: str) -> dict:
+    """The manifest's ``model``: what the bundle was made from."""
     model = loaded.model
     cfg = model.config
+    return {
+        "family": family_for(model).name,
+        "model_type": cfg.model_type,
+        "source": str(loaded.source),
+        "fasp": getattr(cfg, "fasp", None),
+        "num_layers": len(dims),
+        "hidden_size": cfg.hidden_size,
+        "layers": dims,
+        "vocab_size": cfg.vocab_size,
+        "parameters": count_parameters(model),
+        "weights_sha256": weights_sha256,  # ties the bundle to its PyTorch model (bench --backends torch)
+    }
+
+
+def _manifest(about: dict, max_context: int, tok: dict, quant: str, settings: dict, artifacts: dict,
+              decoder_parity: dict, files: dict) -> dict:
+    """``manifest.json``: what the bundle holds, what it was made from (``about``: :func:`_model_facts`) and how,
+    and what was measured of it."""
     return {
         "format": "fasp-edge-bundle",
         "format_version": BUNDLE_FORMAT_VERSION,
         "created_unix": int(time.time()),
-        "model": {
-            "family": family_for(model).name,
-            "model_type": cfg.model_type,
-            "source": str(loaded.source),
-            "fasp": getattr(cfg, "fasp", None),
-            "num_layers": len(dims),
-            "hidden_size": cfg.hidden_size,
-            "layers": dims,
-            "vocab_size": cfg.vocab_size,
-            "parameters": count_parameters(model),
-            "weights_sha256": weights_sha256,  # ties the bundle to its PyTorch model (bench --backends torch)
-        },
+        "model": about,
         "max_context": max_context,
         "tokenizer": tok,
         "precision": "float32" if quant == "none" else QUANT_PRECISION.get(quant, f"float32 activations, {quant} weights"),
@@ -414,9 +446,11 @@ def _verify(kind: str, parity: dict, quant: str) -> None:
 
 
 def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int, tokenizer,
-                         recipe: Recipe, calibration: torch.Tensor | None = None, progress: bool = False):
-
-    src = copy.deepcopy(model) if quant != "none" else model
+                         recipe: Recipe, calibration: torch.Tensor | None = None, progress: bool = False,
+                         in_place: bool = False, reference: list[torch.Tensor] | None = None):
+    """The ``.pte`` artifact of ``model`` in ``tmp``, checked against the model (or ``reference``, its
+    :func:`~fasp_edge.runtime.parity.reference_logits`: ``in_place`` quantizes ``model`` itself, not a copy)."""
+    src = copy.deepcopy(model) if quant != "none" and not in_place else model
     decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
     quantization = quantize_decoder(decoder, recipe, calibration, progress) if quant == "8da4w" else None
     meta = runner_metadata(decoder, tokenizer.bos_token_id, eos_ids_of(model, tokenizer))
@@ -424,7 +458,7 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     # (fp32, or 8da4w's 8-bit head integers that the 8-bit embedding kernel reads too) is written once
     lowering = export_pte(decoder, tmp / "model.pte", meta, data_file=PTE_DATA_FILE)
     pte = PteModel(tmp / "model.pte", data_path=tmp / PTE_DATA_FILE)
-    parity = logits_parity(model, pte.step, prompt, steps)
+    parity = logits_parity(model, pte.step, prompt, steps, reference=reference)
     _verify("ExecuTorch", parity, quant)
     info = {"file": "model.pte", "backend": "xnnpack", "method": "forward(tokens[1,T], input_pos[1]) -> logits[1,V]",
             "metadata": meta, "parity": parity, "lowering": lowering, "data_file": PTE_DATA_FILE,
@@ -436,10 +470,12 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
 
 def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int,
                           recipe: BlockRecipe | Recipe | None = None, calibration: torch.Tensor | None = None,
-                          progress: bool = False):
-
+                          progress: bool = False, in_place: bool = False, reference: list[torch.Tensor] | None = None):
+    """The ONNX artifact of ``model`` in ``tmp``, checked against the model (or ``reference``, its
+    :func:`~fasp_edge.runtime.parity.reference_logits`: ``in_place`` lets the 4-bit export quantize ``model``
+    itself, not a copy)."""
     decoder = ExportDecoder(model, max_context=max_context, cache="io", attention=ONNX_ATTENTION[quant]).eval()
-    quantization = reference = None
+    quantization = dequantized = None
     if quant == "int8":
         work = tmp / "fp32"
         work.mkdir()
@@ -447,12 +483,13 @@ def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt
         quantize_int8(work / "model.onnx", tmp / "model.onnx")
         shutil.rmtree(work)
     elif quant == "4bit":
-        quantization, reference = export_onnx_4bit(model, tmp / "model.onnx", max_context=max_context, recipe=recipe,
-                                                   calibration=calibration, progress=progress)
+        quantization, dequantized = export_onnx_4bit(model, tmp / "model.onnx", max_context=max_context,
+                                                     recipe=recipe, calibration=calibration, progress=progress,
+                                                     in_place=in_place)
     else:
         export_onnx(decoder, tmp / "model.onnx")
     onnx_model = OnnxModel(tmp / "model.onnx")
-    parity = logits_parity(model, onnx_model.step, prompt, steps)
+    parity = logits_parity(model, onnx_model.step, prompt, steps, reference=reference)
     _verify("ONNX", parity, quant)
     inputs, outputs = io_names(len(decoder.blocks))
     data = [p.name for p in tmp.iterdir() if p.name.startswith("model.onnx") and p.name != "model.onnx"]
@@ -460,7 +497,7 @@ def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt
             "kv_cache": kv_cache_layout(decoder), "opset": _onnx_opset(tmp / "model.onnx"), "parity": parity}
     if quantization is not None:
         info["quantization"] = quantization
-        info["parity_dequantized"] = _check_dequantized(reference, onnx_model, prompt, steps, recipe)
+        info["parity_dequantized"] = _check_dequantized(dequantized, onnx_model, prompt, steps, recipe)
     return info, onnx_model
 
 

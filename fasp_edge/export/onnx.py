@@ -98,7 +98,7 @@ def kv_cache_layout(decoder: ExportDecoder) -> dict:
 @torch.no_grad()
 def export_onnx_4bit(model: nn.Module, path: str | Path, *, max_context: int, recipe: BlockRecipe,
                      calibration: torch.Tensor | None = None, progress: bool = False,
-                     attention: str = ONNX_ATTENTION["4bit"]) -> tuple[dict, nn.Module]:
+                     attention: str = ONNX_ATTENTION["4bit"], in_place: bool = False) -> tuple[dict, nn.Module]:
     """Export ``model`` to ``path`` with 4-bit ``MatMulNBits`` weights (``recipe``; :func:`quantize_blockwise`).
 
     The Linears are quantized on a static-cache decoder over a copy of ``model`` (its calibration runs block by
@@ -107,10 +107,11 @@ def export_onnx_4bit(model: nn.Module, path: str | Path, *, max_context: int, re
     integers, and the token embedding's ``Gather`` a ``GatherBlockQuantized`` (a tied table reads the LM head's
     blocks; an untied one gets its own 4-bit min/max blocks). Returns what the manifest records of the
     quantization and the dequantized copy of ``model`` (smoothing folded in): the reference computation the graph
-    is checked against.
+    is checked against. ``in_place``: quantize ``model`` itself instead of a copy (it then is that dequantized
+    model).
     """
     path = Path(path)
-    src = copy.deepcopy(model).eval()
+    src = (model if in_place else copy.deepcopy(model)).eval()
     static = ExportDecoder(src, max_context=max_context, cache="static").eval()
     originals = dict(static.named_modules())
     emb = static.embed_tokens
@@ -175,11 +176,16 @@ def write_block_quantized(src: str | Path, dst: str | Path, linears: list[tuple[
     ``MatMul`` whose weight is one of them (a ``[K, N]`` constant, or a ``Transpose`` of the ``[N, K]`` constant a
     tied table shares) and each ``Gemm`` on one becomes ``MatMulNBits``; the ``Gather`` of ``table``'s dequantized
     rows becomes ``GatherBlockQuantized`` on the same constants. Weights are found by value (the exporter names
-    and folds them its own way); every one must be found. Returns the graph's op counts of interest."""
-    import onnx
-    from onnx import helper, numpy_helper
+    and folds them its own way); every one must be found. Returns the graph's op counts of interest.
 
-    model = onnx.load(str(src))
+    The fp32 weights stay in ``src``'s external data file: each is read once, to be found by value, and only the
+    constants the rewritten graph keeps (norms, biases) are loaded to be written, so the rewrite never holds the
+    fp32 graph's weights in memory (a 1.5B model's 7 GB)."""
+    import onnx
+    from onnx import external_data_helper, helper, numpy_helper
+
+    base = str(Path(src).parent)
+    model = onnx.load(str(src), load_external_data=False)
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     # Linears with the same dequantized weight share a key: any one's blocks hold those values, and all are found
@@ -209,7 +215,12 @@ def write_block_quantized(src: str | Path, dst: str | Path, linears: list[tuple[
         if name not in inits:
             return None
         if name not in value_cache:
-            value_cache[name] = _key(numpy_helper.to_array(inits[name]))
+            init = inits[name]
+            if external_data_helper.uses_external_data(init):  # read a copy; the graph's entry stays on disk
+                init = onnx.TensorProto()
+                init.CopyFrom(inits[name])
+                external_data_helper.load_external_data_for_tensor(init, base)
+            value_cache[name] = _key(numpy_helper.to_array(init))
         return value_cache[name]
 
     def weight_of(name: str, transposed: bool) -> list[tuple[str, BlockQuantLinear]] | None:
@@ -264,6 +275,7 @@ def write_block_quantized(src: str | Path, dst: str | Path, linears: list[tuple[
     keep = [i for i in graph.initializer if i.name in used]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    external_data_helper.load_external_data_for_model(model, base)  # what is kept, to be written with the graph
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     dst = Path(dst)

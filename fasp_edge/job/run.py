@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -307,13 +308,19 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
         # (refit_prior and selection are left out at their values before the defaults changed, as they were then)
         fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
 
-        def build(tmp: Path, cut=cut) -> dict:
+        def build(tmp: Path, cut=cut, label=label, fp=fp) -> dict:
+            # a killed run's prune continues from its last saved layer; progress of other settings is dropped
+            pruned = cfg.folder / "pruned"
+            progress_dir = pruned / f".{label}.progress-{fp[:16]}"
+            for stale in pruned.glob(f".{label}.progress-*"):
+                if stale != progress_dir:
+                    shutil.rmtree(stale, ignore_errors=True)
             report = prune_checkpoint(load_source(cfg), tmp, **{"sparsity": None, **cut}, method=p["method"],
                                       targets=p["targets"], align=p["align"], damp=p["damp"], device=p["device"],
                                       refit_prior=p["refit_prior"], selection=p["selection"],
                                       calibration=_windows(calib),
                                       calibration_description=calib.info["description"] if calib else None,
-                                      progress=state.progress)
+                                      progress=state.progress, resume_dir=progress_dir)
             return {"params_before": report["params_before"], "params_after": report["params_after"]}
 
         res = state.stage("prune", f"{label} ({p['method']}, {what})", cfg.folder / "pruned" / label, fp, build)

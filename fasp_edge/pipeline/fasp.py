@@ -138,6 +138,7 @@ class PruneResult:
     allocation: str | None = None
     damp_solves: int = 0  # damp="auto": λ measured in all (one least-squares solve each)
     resumed_layers: int = 0  # layers restored from a resume folder's saved progress rather than pruned by this run
+    layer_seconds: list[float] = field(default_factory=list)  # each layer's prune (and propagation) wall seconds
 
     def report(self) -> dict[str, Any]:
         """JSON-ready summary (``fasp_report.json``)."""
@@ -165,6 +166,7 @@ class PruneResult:
             "v_head_dims": self.v_head_dims,
             "seconds": self.seconds,
             "timings": self.timings,
+            "layer_seconds": self.layer_seconds,
             **({"resumed_layers": self.resumed_layers} if self.resumed_layers else {}),
         }
 
@@ -377,6 +379,7 @@ def prune(
     for idx in tqdm(range(len(decisions), len(layers)), desc=f"{method} layers", disable=not progress,
                     initial=len(decisions), total=len(layers)):
         layer = layers[idx]
+        t0 = time.perf_counter()
         home = next(layer.parameters()).device
         layer.to(run.device)
         decisions.append(_prune_layer(run, idx, layer, hidden, kwargs))
@@ -385,6 +388,7 @@ def prune(
         layer.to(home)
         if run.device.type == "cuda":
             torch.cuda.empty_cache()
+        run.layer_seconds.append(round(time.perf_counter() - t0, 3))
         if saved:
             saved.save_layer(idx, layer, decisions[-1], hidden if idx + 1 < len(layers) else None, run.saved_state())
     seconds = saved.elapsed() if saved else time.perf_counter() - start  # with saved progress: every run's
@@ -415,6 +419,7 @@ class _Settings:
     keep_counts: dict[tuple[int, str], int] | None = None
     damp_start: dict[str, float] = field(default_factory=dict)  # damp="auto": the last λ chosen per kind of pair
     damp_solves: int = 0  # damp="auto": λ measured over the run (one least-squares solve each)
+    layer_seconds: list[float] = field(default_factory=list)  # the layer loop's wall seconds, a layer each
 
     @property
     def restore(self) -> bool:  # FASP refits the kept columns (and so needs the full Gram matrices)
@@ -433,7 +438,8 @@ class _Settings:
 
     def saved_state(self) -> dict:
         """What the layer loop carries from one layer to the next besides the weights (for :mod:`.resume`)."""
-        return {"timings": dict(self.timings), "damp_start": dict(self.damp_start), "damp_solves": self.damp_solves}
+        return {"timings": dict(self.timings), "damp_start": dict(self.damp_start), "damp_solves": self.damp_solves,
+                "layer_seconds": list(self.layer_seconds)}
 
     def restore_state(self, state: dict) -> None:
         """Continue from :meth:`saved_state`: the earlier runs' stage seconds add to this run's (the allocation's
@@ -443,6 +449,7 @@ class _Settings:
                 self.timings[k] = self.timings.get(k, 0.0) + v
         self.damp_start.update(state.get("damp_start", {}))
         self.damp_solves = int(state.get("damp_solves", 0))
+        self.layer_seconds = list(state.get("layer_seconds", []))
 
 
 def _settings(model: nn.Module, *, sparsity, param_reduction, allocation, method, calibration, targets, align, damp,
@@ -542,6 +549,7 @@ def _result(run: _Settings, model: nn.Module, decisions: list[LayerDecision], pa
         seconds=seconds,
         timings={k: round(v, 3) for k, v in run.timings.items()},
         damp_solves=run.damp_solves,
+        layer_seconds=list(run.layer_seconds),
     )
 
 

@@ -31,24 +31,38 @@ def parity_tolerance(max_abs_logit: float) -> float:
     return max(PARITY_TOLERANCE, PARITY_RELATIVE * max_abs_logit)
 
 
-def logits_parity(model: nn.Module, step: Step, prompt: torch.Tensor, steps: int) -> dict:
-    """Compare ``step`` with the transformers ``model`` over a prefill of ``prompt`` and ``steps`` greedy decode
-    steps (the model's own greedy tokens are fed to both).
-
-    ``step`` returns the last position's logits ``[V]``, or every position's ``[T, V]`` (then every prefill row
-    is compared). The tolerance scales with the largest |logit| of the compared reference rows.
-    """
+def reference_logits(model: nn.Module, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The transformers ``model``'s logits over a prefill of ``prompt`` (``[T, V]``) and then ``steps`` greedy
+    decode steps on its own tokens (``[1, V]`` each): what :func:`logits_parity` compares a candidate with,
+    computed once (e.g. before the model is quantized in place)."""
     from transformers import DynamicCache
 
     with torch.no_grad():
         cache = DynamicCache()
         ref = [model(prompt, past_key_values=cache, use_cache=True).logits[0]]  # [T, V]
-        got = [step(prompt, 0)]
-        pos = prompt.shape[1]
         for _ in range(steps):
             tok = ref[-1][-1].argmax().view(1, 1)
             ref.append(model(tok, past_key_values=cache, use_cache=True).logits[0])
-            got.append(step(tok, pos))
+    return ref
+
+
+def logits_parity(model: nn.Module | None, step: Step, prompt: torch.Tensor, steps: int,
+                  reference: list[torch.Tensor] | None = None) -> dict:
+    """Compare ``step`` with the transformers ``model`` over a prefill of ``prompt`` and ``steps`` greedy decode
+    steps (the model's own greedy tokens are fed to both); ``reference``: the model's
+    :func:`reference_logits`, computed earlier (then ``model`` is not used).
+
+    ``step`` returns the last position's logits ``[V]``, or every position's ``[T, V]`` (then every prefill row
+    is compared). The tolerance scales with the largest |logit| of the compared reference rows.
+    """
+    ref = reference if reference is not None else reference_logits(model, prompt, steps)
+    if len(ref) != steps + 1:
+        raise ValueError(f"the reference holds {len(ref) - 1} decode steps, not {steps}")
+    with torch.no_grad():
+        got = [step(prompt, 0)]
+        pos = prompt.shape[1]
+        for r in ref[:-1]:
+            got.append(step(r[-1].argmax().view(1, 1), pos))
             pos += 1
     rows = [(g.float().reshape(-1, r.shape[-1]), r) for g, r in zip(got, ref)]
     rows = [(g, r[-g.shape[0]:]) for g, r in rows]  # a last-token step compares the last row
