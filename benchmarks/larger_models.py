@@ -267,18 +267,30 @@ def cached(work: Path, key: str, fresh: bool, make, only_cached: bool = False) -
 #: what names a row of each stage: a row of the previous results with the same identity is replaced, not kept
 ROW_IDENTITY = {"prune": ("model", "method"), "quality": ("model", "method"), "export": ("model", "variant", "artifact"),
                 "bench": ("model",)}
+#: the options a stage's rows depend on (besides the cut and calibration): rows are carried only where they match
+STAGE_SETTINGS = {"prune": (), "quality": ("windows", "tasks", "task_limit"), "export": ("windows", "max_context"),
+                  "bench": ("max_context", "profiles", "rounds")}
+#: the options of the results written before they were recorded in the file (the 0.5B rows of 2026-12-07)
+UNRECORDED_SETTINGS = {"windows": 8, "tasks": "piqa", "task_limit": 100, "max_context": 512,
+                       "profiles": "hub,phone-mid", "rounds": 2}
+
+
+def run_settings(args) -> dict:
+    return {k: getattr(args, k) for k in UNRECORDED_SETTINGS}
 
 
 def carry_previous(doc: dict, previous: dict | None) -> None:
     """Keep the rows of the previous results file that this run neither made nor found in --work (an earlier
     session's cache that is gone, or a model this run did not touch), so the results accumulate instead of losing
-    them. Only rows made with the same cut and calibration are kept; each one is listed in ``doc["carried"]`` with
-    the date of the file it came from, and the markdown says so."""
-    settings = ("param_reduction", "nsamples", "seqlen")
-    if not previous or any(previous.get(k) != doc[k] for k in settings):
+    them. Only rows made with the same cut and calibration, and the same options for their stage, are kept; each
+    one is listed in ``doc["carried"]`` with the date of the results it first came from, and the markdown says so."""
+    if not previous or any(previous.get(k) != doc[k] for k in ("param_reduction", "nsamples", "seqlen")):
         return
+    before = previous.get("run_settings", UNRECORDED_SETTINGS)
     order = {m: i for i, m in enumerate(MODELS)}
     for stage, fields in ROW_IDENTITY.items():
+        if any(before.get(k) != doc["run_settings"][k] for k in STAGE_SETTINGS[stage]):
+            continue
         have = {tuple(r.get(f) for f in fields) for r in doc[stage]}
         for r in previous.get(stage, []):
             ident = tuple(r.get(f) for f in fields)
@@ -427,7 +439,7 @@ def main() -> None:
     doc = {"command": "benchmarks/larger_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "param_reduction": args.param_reduction,
            "nsamples": args.nsamples, "seqlen": args.seqlen, "texts": texts, "skipped": [], "prune": [], "quality": [],
-           "export": [], "bench": [], "bars": {}, "carried": []}
+           "export": [], "bench": [], "bars": {}, "carried": [], "run_settings": run_settings(args)}
     for model in args.models.split(","):
         if not registry.is_present(model):
             doc["skipped"].append(f"{model}: not fetched (fasp-edge models fetch {model})")

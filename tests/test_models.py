@@ -193,7 +193,7 @@ def test_larger_models_results_keep_rows_this_run_did_not_make():
 
     def doc(date, **rows):
         base = {"date": date, "param_reduction": 0.2, "nsamples": 32, "seqlen": 512, "prune": [], "quality": [],
-                "export": [], "bench": [], "bars": {}, "carried": []}
+                "export": [], "bench": [], "bars": {}, "carried": [], "run_settings": dict(lm.UNRECORDED_SETTINGS)}
         return {**base, **rows}
 
     old = doc("day 1", prune=[{"model": "qwen2.5-0.5b", "method": "fasp", "seconds": 1}],
@@ -218,3 +218,13 @@ def test_larger_models_results_keep_rows_this_run_did_not_make():
     other_cut = doc("day 3", param_reduction=0.3)
     lm.carry_previous(other_cut, new)
     assert other_cut["carried"] == [] and other_cut["prune"] == []
+
+    # other perplexity windows: the quality rows are not comparable and stay behind; the prune rows still come
+    fewer_windows = doc("day 3", run_settings={**lm.UNRECORDED_SETTINGS, "windows": 4})
+    lm.carry_previous(fewer_windows, new)
+    assert fewer_windows["quality"] == [] and len(fewer_windows["prune"]) == 2 and len(fewer_windows["bench"]) == 1
+    # results written before the options were recorded count as made with the options of that run
+    unrecorded = {k: v for k, v in new.items() if k != "run_settings"}
+    again = doc("day 3")
+    lm.carry_previous(again, unrecorded)
+    assert len(again["quality"]) == 2

@@ -231,6 +231,11 @@ def reference_log_probs(model, windows: torch.Tensor) -> list[torch.Tensor]:
                 for row in windows]
 
 
+def _reference_bytes(model, windows: torch.Tensor | None) -> int:
+    """What :func:`reference_log_probs` of ``windows`` holds (float32)."""
+    return 0 if windows is None else 4 * windows.shape[0] * (windows.shape[1] - 1) * model.config.vocab_size
+
+
 def artifact_quality(model, step_fn, windows: torch.Tensor, progress: bool = True,
                      reference: list[torch.Tensor] | None = None) -> dict:
     """Teacher-forced quality of an artifact against the PyTorch model it was made from.
@@ -294,8 +299,8 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
 
     ``keep_model=False`` lets a quantized export (8da4w, 4bit) quantize ``loaded.model`` in place for its last
     format instead of a copy (the copy is a whole fp32 model: a 1.5B model's 7 GB of peak memory), after the
-    PyTorch model's logits on the parity prompt and the quality windows are computed; ``loaded.model`` must not
-    be used afterwards. The bundle is the same either way.
+    PyTorch model's logits on the parity prompt and the quality windows are computed (where those take less
+    memory than the copy); ``loaded.model`` must not be used afterwards. The bundle is the same either way.
     """
     check_export_arguments(list(formats), quant)
     recipe = recipe or (DEFAULT_BLOCK_RECIPE if quant == "4bit" else DEFAULT_RECIPE)
@@ -334,7 +339,8 @@ def export_bundle(loaded: LoadedModel, out: str | Path, *, formats: list[str] | 
         steps.update(1)
         for i, fmt in enumerate(formats):
             t0 = time.perf_counter()
-            in_place = not keep_model and quant in CALIBRATED_QUANTS and i == len(formats) - 1
+            in_place = not keep_model and quant in CALIBRATED_QUANTS and i == len(formats) - 1 \
+                and _reference_bytes(model, quality_set) < 4 * about["parameters"]  # else the copy costs less
             ref_logits = ref_quality = None
             if in_place:  # what the checks compare with, from the fp32 model before it is quantized
                 ref_logits = reference_logits(model, prompt, parity_steps)

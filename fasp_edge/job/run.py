@@ -302,19 +302,22 @@ def _prune(state: RunState, dense_fp: str, calib: StageResult | None) -> list[Mo
     cuts = [(model_label(p["method"], s), {"sparsity": s}, f"sparsity {s:g}") for s in p["sparsities"]] + \
         [(model_label(p["method"], None, r), {"param_reduction": r, "allocation": p["allocation"]},
           f"{100 * r:g}% of all parameters, {p['allocation']}") for r in p["param_reductions"]]
+    plans = []
     for label, cut, what in cuts:
         settings = {k: p[k] for k in ("method", "targets", "align", "damp", "device")} | cut | \
             {k: p[k] for k, old in (("refit_prior", "zero"), ("selection", "score")) if p[k] != old}
         # (refit_prior and selection are left out at their values before the defaults changed, as they were then)
         fp = fingerprint(settings, [dense_fp] + ([calib.fingerprint] if calib else []))
+        # a killed run's prune continues from its last finished layer, saved here (gone once the checkpoint is)
+        plans.append((label, cut, what, fp, cfg.folder / "pruned" / f".{label}.progress-{fp[:16]}"))
+    for stale in (cfg.folder / "pruned").glob(".*.progress-*"):  # progress of settings this run no longer has
+        if stale not in {plan[-1] for plan in plans}:
+            shutil.rmtree(stale, ignore_errors=True)
+    for label, cut, what, fp, progress_dir in plans:
 
-        def build(tmp: Path, cut=cut, label=label, fp=fp) -> dict:
-            # a killed run's prune continues from its last saved layer; progress of other settings is dropped
-            pruned = cfg.folder / "pruned"
-            progress_dir = pruned / f".{label}.progress-{fp[:16]}"
-            for stale in pruned.glob(f".{label}.progress-*"):
-                if stale != progress_dir:
-                    shutil.rmtree(stale, ignore_errors=True)
+        def build(tmp: Path, cut=cut, progress_dir=progress_dir) -> dict:
+            if "prune" in state.force:  # forced: from the start
+                shutil.rmtree(progress_dir, ignore_errors=True)
             report = prune_checkpoint(load_source(cfg), tmp, **{"sparsity": None, **cut}, method=p["method"],
                                       targets=p["targets"], align=p["align"], damp=p["damp"], device=p["device"],
                                       refit_prior=p["refit_prior"], selection=p["selection"],
