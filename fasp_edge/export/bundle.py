@@ -459,6 +459,8 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     src = copy.deepcopy(model) if quant != "none" and not in_place else model
     decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
     quantization = quantize_decoder(decoder, recipe, calibration, progress) if quant == "8da4w" else None
+    if in_place and quantization is not None:
+        _release_replaced(model, decoder)
     meta = runner_metadata(decoder, tokenizer.bos_token_id, eos_ids_of(model, tokenizer))
     # constants in model.ptd, where identical buffers are stored once: the tied embedding / LM head table
     # (fp32, or 8da4w's 8-bit head integers that the 8-bit embedding kernel reads too) is written once
@@ -472,6 +474,25 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     if quantization is not None:
         info["quantization"] = quantization
     return info, pte
+
+
+def _release_replaced(model: torch.nn.Module, decoder: torch.nn.Module) -> None:
+    """Free the fp32 weights of ``model``'s modules that quantization in place replaced in ``decoder``: the
+    decoder's blocks re-use the model's modules, and a replaced Linear is rebound in the decoder only, so the model
+    would keep its fp32 weights alive through the export. A weight that anything in the decoder still holds stays."""
+    live = {id(m) for m in decoder.modules()}
+    held = set()
+    for t in [*decoder.parameters(), *decoder.buffers()]:
+        try:
+            held.add(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without one storage: keep everything
+            return
+    for mod in model.modules():
+        if id(mod) in live or not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
+            continue
+        for name, param in list(mod.named_parameters(recurse=False)):
+            if param.untyped_storage().data_ptr() not in held:
+                param.data = torch.empty(0, dtype=param.dtype)
 
 
 def _export_onnx_artifact(model, tmp: Path, max_context: int, quant: str, prompt, steps: int,
