@@ -88,3 +88,30 @@ def test_existing_output_is_refused_and_kept(tmp_path):
 
 
 
+
+
+def test_a_checkpoint_is_one_file_and_a_sharded_one_still_loads(tmp_path):
+    """save_pruned writes one model.safetensors whatever the size (transformers shards from 5 GB, which a pruned
+    1.5B model passes); a checkpoint written sharded before that loads from its index."""
+    from safetensors.torch import load_file, save_file
+
+    model = MODEL_BUILDERS["qwen2-bias"]()
+    windows = random_windows()
+    prune(model, sparsity=0.3, calibration=windows, progress=False)
+    section = fasp_section(model, method="fasp", sparsity=0.3, extra={"source_model": {"sha256": "x"}})
+    save_pruned(model, None, tmp_path / "ckpt", section)
+    folder = tmp_path / "ckpt"
+    assert (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").exists()
+    state = load_file(folder / "model.safetensors")
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
+              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    for file, keys in halves.items():
+        save_file({k: state[k] for k in keys}, folder / file, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, keys in halves.items() for k in keys}}))
+    (folder / "model.safetensors").unlink()
+    assert torch.equal(_logits(load_pruned(folder), windows), _logits(model, windows))
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="incomplete"):
+        load_pruned(folder)

@@ -58,7 +58,8 @@ def save_pruned(model: torch.nn.Module, tokenizer: Any, out: str | os.PathLike, 
         setattr(config, family.ffn_config_key, section["ffn_dims"][0])
     try:
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # one file whatever the size (transformers shards from 5 GB: a pruned 1.5B model is 5.7 GB)
+            model.save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")
             if tokenizer is not None:
                 save_tokenizer(tokenizer, tmp)
             for name, body in (extra_files or {}).items():
@@ -86,6 +87,16 @@ def read_fasp_section(path: str | os.PathLike) -> dict:
     return config["fasp"]
 
 
+def _shards(folder: Path) -> list[Path]:
+    """The files of a checkpoint that transformers sharded (``model.safetensors.index.json``; fasp-edge before
+    2026-12-07 let checkpoints over 5 GB be split), all present, or []."""
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return []
+    files = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+    return [folder / f for f in files] if files and all((folder / f).is_file() for f in files) else []
+
+
 def load_pruned(path: str | os.PathLike) -> torch.nn.Module:
     """Load a pruned checkpoint written by :func:`save_pruned` (float32, CPU, eval mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -97,7 +108,8 @@ def load_pruned(path: str | os.PathLike) -> torch.nn.Module:
         raise ModelLoadError(f"{folder} was written by a newer fasp-edge (format {section['format_version']}); "
                              "upgrade fasp-edge")
     weights = folder / "model.safetensors"
-    if not weights.is_file():
+    shards = _shards(folder) if not weights.is_file() else [weights]
+    if not shards:
         raise ModelLoadError(f"{folder} has no model.safetensors; the checkpoint is incomplete")
     config = AutoConfig.from_pretrained(folder)
     family = family_for(config)
@@ -109,10 +121,12 @@ def load_pruned(path: str | os.PathLike) -> torch.nn.Module:
                              f"{len(layers)}; the checkpoint is corrupt")
     for layer, ffn, vdim in zip(layers, section["ffn_dims"], section["v_head_dims"]):
         reshape_layer(family, layer, ffn, vdim)
-    try:
-        state = load_file(weights)
-    except Exception as e:
-        raise ModelLoadError(f"cannot read {weights}: {e}") from None
+    state = {}
+    for shard in shards:
+        try:
+            state.update(load_file(shard))
+        except Exception as e:
+            raise ModelLoadError(f"cannot read {shard}: {e}") from None
     # assign: the parameters take the loaded tensors instead of copying them (the peak stays one model, not two)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(model, "_tied_weights_keys", None) or []) if config.tie_word_embeddings else set()
