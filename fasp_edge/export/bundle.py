@@ -479,19 +479,15 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
 def _release_replaced(model: torch.nn.Module, decoder: torch.nn.Module) -> None:
     """Free the fp32 weights of ``model``'s modules that quantization in place replaced in ``decoder``: the
     decoder's blocks re-use the model's modules, and a replaced Linear is rebound in the decoder only, so the model
-    would keep its fp32 weights alive through the export. A weight that anything in the decoder still holds stays."""
+    would keep its fp32 weights alive through the export. A parameter the decoder still holds (a tied table) stays;
+    rebinding a parameter's data never frees a storage that another tensor still reads."""
     live = {id(m) for m in decoder.modules()}
-    held = set()
-    for t in [*decoder.parameters(), *decoder.buffers()]:
-        try:
-            held.add(t.untyped_storage().data_ptr())
-        except (RuntimeError, NotImplementedError):  # a tensor subclass without one storage: keep everything
-            return
+    held = {id(t) for t in [*decoder.parameters(), *decoder.buffers()]}
     for mod in model.modules():
         if id(mod) in live or not isinstance(mod, (torch.nn.Linear, torch.nn.Embedding)):
             continue
-        for name, param in list(mod.named_parameters(recurse=False)):
-            if param.untyped_storage().data_ptr() not in held:
+        for param in mod.parameters(recurse=False):
+            if id(param) not in held:
                 param.data = torch.empty(0, dtype=param.dtype)
 
 
