@@ -44,6 +44,32 @@ def test_decoder_matches_source_model(any_model, pruned, cache):
     assert res["max_abs_diff"] < 1e-4, (name, res)
 
 
+def test_float64_referee_tells_rounding_from_a_wrong_decoder(monkeypatch):
+    """Where the export decoder misses the float32 tolerance (the 1.5B Qwen2.5 did, at 1.65e-4 against 1.14e-4,
+    while it was nearer the float64 computation than transformers itself), the referee runs the model in float64:
+    the true decoder passes, a decoder off by 1e-2 does not, and the model comes back bit for bit in float32."""
+    import fasp_edge.runtime.parity as parity_mod
+
+    model = MODEL_BUILDERS["qwen2-bias"]().eval()
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    prompt = random_windows(1, 16, seed=3)
+    decoder = ExportDecoder(model, max_context=40, cache="static", full_logits=True).eval()
+    monkeypatch.setattr(parity_mod, "PARITY_TOLERANCE", -1.0)  # every check misses: the referee decides
+    monkeypatch.setattr(parity_mod, "PARITY_RELATIVE", -1.0)
+    res = check_export_parity(model, decoder, prompt, 8, referee=True)
+    ref = res["float64"]
+    assert res["passed"] and ref["passed"] and 0 < ref["candidate_vs_float64"] <= ref["tolerance"]
+    assert ref["tolerance"] == pytest.approx(parity_mod.REFEREE_FACTOR * ref["model_vs_float64"])
+    assert ref["model_vs_float64"] < 1e-4
+    for n, p in model.named_parameters():
+        assert p is before[n][0] and p.dtype == torch.float32 and torch.equal(p, before[n][1]), n
+    reference = parity_mod.reference_logits(model, prompt, 8)
+    got = parity_mod.candidate_logits(decoder.stepper(), prompt, reference)
+    wrong = parity_mod.float64_referee(model, prompt, reference, [g + 1e-2 for g in got])
+    assert not wrong["passed"] and wrong["candidate_vs_float64"] > 9e-3
+    assert not check_export_parity(model, decoder, prompt, 8)["passed"]  # no referee asked: the rule alone
+
+
 @pytest.mark.slow
 @needs_stories
 @pytest.mark.parametrize("pruned", [False, True], ids=["dense", "fasp"])

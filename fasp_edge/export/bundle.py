@@ -396,10 +396,13 @@ def _quantizer_calibration(loaded: LoadedModel, quant: str, recipe: Recipe, cali
 def _check_decoder(model, max_context: int, prompt: torch.Tensor, steps: int) -> tuple[dict, list[dict]]:
     """The export decoder itself, in fp32, against transformers (before any artifact is made); its per-layer dims."""
     ref_decoder = ExportDecoder(model, max_context=max_context, cache="static", full_logits=True).eval()
-    parity = check_export_parity(model, ref_decoder, prompt, steps)
-    if parity["max_abs_diff"] > parity["tolerance"]:
+    parity = check_export_parity(model, ref_decoder, prompt, steps, referee=True)
+    if not parity.pop("passed"):
+        referee = parity.get("float64", {})
+        why = (f"; float64 referee: {referee['candidate_vs_float64']:.2e} from float64 (> {referee['tolerance']:.1e})"
+               if "tolerance" in referee else f"; no float64 referee ({referee['skipped']})" if referee else "")
         raise ExportVerificationError(f"the export decoder differs from the model by {parity['max_abs_diff']:.2e} "
-                                      f"(> {parity['tolerance']:.1e}); please report it")
+                                      f"(> {parity['tolerance']:.1e}){why}; please report it")
     return parity, [dataclasses.asdict(d) for d in ref_decoder.dims]
 
 
