@@ -461,9 +461,10 @@ def _export_pte_artifact(model, tmp: Path, max_context: int, quant: str, prompt,
     :func:`~fasp_edge.runtime.parity.reference_logits`: ``in_place`` quantizes ``model`` itself, not a copy)."""
     src = copy.deepcopy(model) if quant != "none" and not in_place else model
     decoder = ExportDecoder(src, max_context=max_context, cache="static").eval()
-    quantization = quantize_decoder(decoder, recipe, calibration, progress) if quant == "8da4w" else None
-    if in_place and quantization is not None:
-        _release_replaced(model, decoder)
+    release = (lambda: _release_replaced(model, decoder)) if in_place else None  # block by block, and at the end
+    quantization = quantize_decoder(decoder, recipe, calibration, progress, release) if quant == "8da4w" else None
+    if release is not None and quantization is not None:
+        release()
     meta = runner_metadata(decoder, tokenizer.bos_token_id, eos_ids_of(model, tokenizer))
     # constants in model.ptd, where identical buffers are stored once: the tied embedding / LM head table
     # (fp32, or 8da4w's 8-bit head integers that the 8-bit embedding kernel reads too) is written once

@@ -501,7 +501,8 @@ def smooth(pairs: list[_Pair], grams: dict[int, torch.Tensor], grid=None) -> lis
 
 @torch.no_grad()
 def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, progress: bool = False,
-                    eight: set[str] = frozenset(), make_four=None, make_eight=None, smoothing_grid=None) -> dict:
+                    eight: set[str] = frozenset(), make_four=None, make_eight=None, smoothing_grid=None,
+                    after_block=None) -> dict:
     """Quantize the Linears ``fqns`` of ``decoder`` (an :class:`~fasp_edge.models.decoder.ExportDecoder`, static cache) to
     symmetric 4-bit groups by calibration on ``windows [n, T]``: smoothing (:func:`smooth`) then GPTQ
     (:func:`gptq_4bit`) on the Gram matrices of their inputs. The Linears ``eight`` of a block (8-bit
@@ -518,7 +519,10 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
     ``make_four(linear, gram)`` / ``make_eight(linear)`` build the quantized modules (default: XNNPACK's symmetric
     :class:`DynamicQuantLinear` through :func:`gptq_4bit`, and its 8-bit per-channel form); the ONNX artifact passes
     ONNX Runtime's blockwise grids (:func:`quantize_blockwise`), and ``smoothing_grid`` the grid its smoothing search
-    rounds to (:func:`smooth`).
+    rounds to (:func:`smooth`). ``after_block()`` is called once each block is quantized and passed (an export
+    in place frees the fp32 weights the block's quantized modules replaced, :func:`~fasp_edge.export.bundle`).
+    A passed block's quantized modules drop their eager fp32 weights at once: nothing runs them again here, so
+    the calibration never holds a second fp32 model (a 1.5B model's 7 GB).
 
     Block after block is what GPTQ's authors do; here it moved dense SmolLM2 (eager, ``down_proj`` 8-bit, 32 x 256
     tokens of WikiText-2 validation) from 1.0878x to 1.0857x the fp32 perplexity on WikiText-2 test 4 x 512, a
@@ -562,6 +566,11 @@ def calibrated_4bit(decoder: nn.Module, fqns: set[str], windows: torch.Tensor, p
             _replace(decoder, {f for f in eight if id(modules[f]) in inside}, make_eight)
             if i < last or rest:
                 hidden = [decoder.run_block(i, x) for x in hidden]
+            for m in block.modules():
+                if isinstance(m, (DynamicQuantLinear, BlockQuantLinear)):
+                    m.drop_eager_weight()
+            if after_block is not None:
+                after_block()
         if rest:  # after the blocks: OPT's project_out, a 4-bit LM head
             calibrate(decoder.head_logits, hidden, rest)
     finally:
@@ -681,12 +690,13 @@ def _replace(decoder: nn.Module, fqns: set[str], make) -> None:
 
 @torch.no_grad()
 def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE, calibration: torch.Tensor | None = None,
-                     progress: bool = False) -> dict:
+                     progress: bool = False, after_block=None) -> dict:
     """Quantize ``decoder``'s Linears and token embedding in place, as ``recipe`` says. The calibrated grid's
     smoothing rescales the norms and Linears the decoder shares with its source model (the same fp32 function):
     give it a decoder over a copy of a model that is used afterwards for anything but this export.
 
     ``calibration``: token windows ``[n, T]`` (``qparams="gptq"`` needs them; the others ignore them).
+    ``after_block``: :func:`calibrated_4bit`'s, called after each calibrated block.
     Returns what was done, for the manifest: the recipe, the scheme of every Linear (counted), the 8-bit
     fallbacks and the embedding's and the LM head's precision.
     """
@@ -715,7 +725,7 @@ def quantize_decoder(decoder: nn.Module, recipe: Recipe = DEFAULT_RECIPE, calibr
         _replace(decoder, {f for f in eight if id(modules[f]) not in in_blocks}, DynamicQuantLinear.int8_per_channel)
         embedding = _quantize_embedding(decoder, recipe, emb, tied_source)
         calibrated = calibrated_4bit(decoder, four, calibration, progress=progress,
-                                     eight={f for f in eight if id(modules[f]) in in_blocks})
+                                     eight={f for f in eight if id(modules[f]) in in_blocks}, after_block=after_block)
     else:  # torchao chooses the symmetric grid; its integers and scales go to the same export form
         quantize_(decoder, Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE), intx_choose_qparams_algorithm=recipe.qparams),
