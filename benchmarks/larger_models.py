@@ -120,6 +120,16 @@ def variant_name(method: str, reduction: float) -> str:
     return "dense" if method == "dense" else f"{method}-r{round(100 * reduction)}"
 
 
+def chosen_artifacts(args) -> list[str]:
+    """``--artifacts`` as a list, checked against :data:`ARTIFACTS`."""
+    names = [a for a in args.artifacts.split(",") if a]
+    unknown = [a for a in names if a not in ARTIFACTS]
+    if unknown or not names:
+        raise SystemExit(f"--artifacts: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(ARTIFACTS)}")
+    return names
+
+
 def bundle_dir(work: Path, model: str, variant: str, artifact: str) -> Path:
     return work / "bundles" / f"{model}-{variant}-{artifact}"
 
@@ -187,14 +197,17 @@ def _llamacpp_q4_0(args, work: Path, model: str) -> dict:
 
 
 def bench_row(args, work: Path, model: str, methods: list[str]) -> dict:
-    """``fasp-edge bench`` over the model's bundles, then the llama.cpp Q4_0 peer, one after the other."""
+    """``fasp-edge bench`` over the model's bundles (of ``--artifacts``), then the llama.cpp Q4_0 peer, one after
+    the other."""
+    artifacts = chosen_artifacts(args)
     bundles = [bundle_dir(work, model, variant_name(m, args.param_reduction), a)
-               for m in ["dense", *methods] for a in ARTIFACTS]
+               for m in ["dense", *methods] for a in artifacts]
     missing = [str(b) for b in bundles if not (b / "manifest.json").is_file()]
     if missing:
         raise SystemExit(f"bench needs the export stage's bundles first; missing: {', '.join(missing)}")
     out = work / f"bench-{model}"
-    cmd = _cli() + ["bench", *map(str, bundles), "--profiles", args.profiles, "--backends", "pte,onnx",
+    cmd = _cli() + ["bench", *map(str, bundles), "--profiles", args.profiles,
+                    "--backends", ",".join(ARTIFACTS[a][0] for a in artifacts),
                     "--rounds", str(args.rounds), "-o", str(out), "--overwrite"]
     res = run_measured(cmd, work / f"bench-{model}.log")
     if res["rc"] != 0:
@@ -424,6 +437,8 @@ def main() -> None:
     ap.add_argument("--tasks", default="piqa", help="zero-shot tasks scored with the English text ('' = none)")
     ap.add_argument("--task-limit", type=int, default=100, help="documents per task (a subset drawn with seed 0)")
     ap.add_argument("--export-methods", default="fasp", help="pruned checkpoints exported beside dense")
+    ap.add_argument("--artifacts", default=",".join(ARTIFACTS),
+                    help="the export and bench stages' artifacts (default: all)")
     ap.add_argument("--max-context", type=int, default=512, help="the bundles' KV-cache length")
     ap.add_argument("--profiles", default="hub,phone-mid", help="bench device profiles")
     ap.add_argument("--rounds", type=int, default=2, help="bench fresh-process rounds, pooled")
@@ -465,7 +480,7 @@ def main() -> None:
         exported = [m for m in args.export_methods.split(",") if m]
         if "export" in stages:
             for m in ["dense", *exported]:
-                for a in ARTIFACTS:
+                for a in chosen_artifacts(args):
                     key = f"{bundle_dir(work, model, variant_name(m, args.param_reduction), a).name}-c{args.max_context}.export"
                     row = cached(work, key, args.fresh, lambda: export_row(args, work, texts, model, m, a),
                                  args.cached_only)
@@ -475,7 +490,9 @@ def main() -> None:
                               f"English {row['perplexity']['english']['perplexity']:.3f}, "
                               f"code {row['perplexity']['code']['perplexity']:.3f}")
         if "bench" in stages:
-            key = f"bench-{model}-{'+'.join(exported)}-r{round(100 * args.param_reduction)}-{args.profiles.replace(',', '+')}"
+            only = "" if set(chosen_artifacts(args)) == set(ARTIFACTS) else "-" + "+".join(chosen_artifacts(args))
+            key = (f"bench-{model}-{'+'.join(exported)}-r{round(100 * args.param_reduction)}-"
+                   f"{args.profiles.replace(',', '+')}{only}")
             row = cached(work, key, args.fresh, lambda: bench_row(args, work, model, exported), args.cached_only)
             if row:
                 doc["bench"].append(row)

@@ -228,3 +228,15 @@ def test_larger_models_results_keep_rows_this_run_did_not_make():
     again = doc("day 3")
     lm.carry_previous(again, unrecorded)
     assert len(again["quality"]) == 2
+
+
+def test_larger_models_export_and_bench_can_take_one_artifact():
+    """--artifacts narrows the export and bench stages (a 1.5B run that has memory for one runtime's export);
+    a name that is not an artifact is a one-line error naming the choices."""
+    from types import SimpleNamespace
+
+    lm = _larger_models_script()
+    assert lm.chosen_artifacts(SimpleNamespace(artifacts="pte-8da4w")) == ["pte-8da4w"]
+    assert lm.chosen_artifacts(SimpleNamespace(artifacts=",".join(lm.ARTIFACTS))) == list(lm.ARTIFACTS)
+    with pytest.raises(SystemExit, match="unknown onnx-8bit; choose from pte-8da4w, onnx-4bit"):
+        lm.chosen_artifacts(SimpleNamespace(artifacts="pte-8da4w,onnx-8bit"))
