@@ -281,9 +281,10 @@ def cached(work: Path, key: str, fresh: bool, make, only_cached: bool = False) -
 ROW_IDENTITY = {"prune": ("model", "method"), "quality": ("model", "method"), "export": ("model", "variant", "artifact"),
                 "bench": ("model",)}
 #: the options a stage's rows depend on (besides the cut and calibration): rows are carried only where they match
-#: (a quality row records its own zero-shot tasks, so rows with and without them sit in one table)
+#: (a quality row records its own zero-shot tasks, so rows with and without them sit in one table; a bench row
+#: compares one model's bundles within itself and records its own profiles and rounds, which its table shows)
 STAGE_SETTINGS = {"prune": (), "quality": ("windows",), "export": ("windows", "max_context"),
-                  "bench": ("max_context", "profiles", "rounds")}
+                  "bench": ("max_context",)}
 #: the options of the results written before they were recorded in the file (the 0.5B rows of 2026-12-07)
 UNRECORDED_SETTINGS = {"windows": 8, "tasks": "piqa", "task_limit": 100, "max_context": 512,
                        "profiles": "hub,phone-mid", "rounds": 2}

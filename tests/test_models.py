@@ -224,6 +224,10 @@ def test_larger_models_results_keep_rows_this_run_did_not_make():
     lm.carry_previous(fewer_windows, new)
     assert fewer_windows["quality"] == [] and len(fewer_windows["prune"]) == 2 and len(fewer_windows["bench"]) == 1
     # results written before the options were recorded count as made with the options of that run
+    # a bench row is one model's own comparison, with its rounds and profiles in it: other rounds still carry it
+    more_rounds = doc("day 3", run_settings={**lm.UNRECORDED_SETTINGS, "rounds": 5, "profiles": "hub"})
+    lm.carry_previous(more_rounds, new)
+    assert len(more_rounds["bench"]) == 1 and "qwen2.5-0.5b: x hub" in more_rounds["bars"]
     unrecorded = {k: v for k, v in new.items() if k != "run_settings"}
     again = doc("day 3")
     lm.carry_previous(again, unrecorded)
