@@ -196,10 +196,9 @@ def _llamacpp_q4_0(args, work: Path, model: str) -> dict:
     return peer
 
 
-def bench_row(args, work: Path, model: str, methods: list[str]) -> dict:
-    """``fasp-edge bench`` over the model's bundles (of ``--artifacts``), then the llama.cpp Q4_0 peer, one after
-    the other."""
-    artifacts = chosen_artifacts(args)
+def bench_row(args, work: Path, model: str, methods: list[str], artifacts: list[str]) -> dict:
+    """``fasp-edge bench`` over the model's bundles of ``artifacts``, then the llama.cpp Q4_0 peer, one after the
+    other."""
     bundles = [bundle_dir(work, model, variant_name(m, args.param_reduction), a)
                for m in ["dense", *methods] for a in artifacts]
     missing = [str(b) for b in bundles if not (b / "manifest.json").is_file()]
@@ -453,6 +452,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     texts = corpora.build(work / "corpora")
     stages = args.stages.split(",")
+    artifacts = chosen_artifacts(args)  # checked before any stage runs
     doc = {"command": "benchmarks/larger_models.py " + " ".join(sys.argv[1:]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "param_reduction": args.param_reduction,
            "nsamples": args.nsamples, "seqlen": args.seqlen, "texts": texts, "skipped": [], "prune": [], "quality": [],
@@ -481,7 +481,7 @@ def main() -> None:
         exported = [m for m in args.export_methods.split(",") if m]
         if "export" in stages:
             for m in ["dense", *exported]:
-                for a in chosen_artifacts(args):
+                for a in artifacts:
                     key = f"{bundle_dir(work, model, variant_name(m, args.param_reduction), a).name}-c{args.max_context}.export"
                     row = cached(work, key, args.fresh, lambda: export_row(args, work, texts, model, m, a),
                                  args.cached_only)
@@ -491,10 +491,11 @@ def main() -> None:
                               f"English {row['perplexity']['english']['perplexity']:.3f}, "
                               f"code {row['perplexity']['code']['perplexity']:.3f}")
         if "bench" in stages:
-            only = "" if set(chosen_artifacts(args)) == set(ARTIFACTS) else "-" + "+".join(chosen_artifacts(args))
+            only = "" if set(artifacts) == set(ARTIFACTS) else "-" + "+".join(artifacts)
             key = (f"bench-{model}-{'+'.join(exported)}-r{round(100 * args.param_reduction)}-"
                    f"{args.profiles.replace(',', '+')}{only}")
-            row = cached(work, key, args.fresh, lambda: bench_row(args, work, model, exported), args.cached_only)
+            row = cached(work, key, args.fresh, lambda: bench_row(args, work, model, exported, artifacts),
+                         args.cached_only)
             if row:
                 doc["bench"].append(row)
                 doc["bars"].update({f"{model}: {k}": v for k, v in bench_bars(row).items()})

@@ -65,7 +65,7 @@ def test_float64_referee_tells_rounding_from_a_wrong_decoder(monkeypatch):
         assert p is before[n][0] and p.dtype == torch.float32 and torch.equal(p, before[n][1]), n
     reference = parity_mod.reference_logits(model, prompt, 8)
     got = parity_mod.candidate_logits(decoder.stepper(), prompt, reference)
-    wrong = parity_mod.float64_referee(model, prompt, reference, [g + 1e-2 for g in got])
+    wrong = parity_mod.float64_referee(model, prompt, reference, [g + 1e-2 for g in got], -1.0)
     assert not wrong["passed"] and wrong["candidate_vs_float64"] > 9e-3
     assert not check_export_parity(model, decoder, prompt, 8)["passed"]  # no referee asked: the rule alone
 

@@ -150,14 +150,17 @@ def export_onnx_4bit(model: nn.Module, path: str | Path, *, max_context: int, re
 _HASH_SLAB = 1 << 22
 
 
+def _slab_rows(shape: tuple) -> int:
+    """Rows of an array of ``shape`` that :func:`_key` and :func:`_file_key` hash at a time."""
+    return max(1, _HASH_SLAB // max(1, math.prod(shape[1:])))
+
+
 def _key(a: np.ndarray) -> tuple:
-    """The shape and a digest of ``a``'s values as a C-ordered float32 array, hashed a slab of rows at a time, so a
-    transposed view is never copied whole (a 1.5B model's LM head is 0.9 GB)."""
-    if a.ndim == 0:
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        return a.shape, hashlib.blake2b(a.tobytes(), digest_size=16).digest()
+    """The shape (at least 1-d) and a digest of ``a``'s values as a C-ordered float32 array, hashed a slab of rows
+    at a time, so a transposed view is never copied whole (a 1.5B model's LM head is 0.9 GB)."""
+    a = np.atleast_1d(a)
     h = hashlib.blake2b(digest_size=16)
-    rows = max(1, _HASH_SLAB // max(1, math.prod(a.shape[1:])))
+    rows = _slab_rows(a.shape)
     for i in range(0, a.shape[0], rows):
         h.update(np.ascontiguousarray(a[i:i + rows], dtype=np.float32))
     return a.shape, h.digest()
@@ -176,7 +179,7 @@ def _file_key(init, base: str) -> tuple | None:
     if info.length and info.length != 4 * count:
         return None
     h = hashlib.blake2b(digest_size=16)
-    step = max(1, _HASH_SLAB // max(1, math.prod(shape[1:]))) * math.prod(shape[1:])
+    step = _slab_rows(shape) * math.prod(shape[1:])
     with open(Path(base) / info.location, "rb") as f:
         f.seek(info.offset or 0)
         for start in range(0, count, step):

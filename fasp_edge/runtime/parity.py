@@ -31,17 +31,19 @@ def parity_tolerance(max_abs_logit: float) -> float:
     return max(PARITY_TOLERANCE, PARITY_RELATIVE * max_abs_logit)
 
 
-def reference_logits(model: nn.Module, prompt: torch.Tensor, steps: int) -> list[torch.Tensor]:
+def reference_logits(model: nn.Module, prompt: torch.Tensor, steps: int,
+                     follow: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """The transformers ``model``'s logits over a prefill of ``prompt`` (``[T, V]``) and then ``steps`` greedy
     decode steps on its own tokens (``[1, V]`` each): what :func:`logits_parity` compares a candidate with,
-    computed once (e.g. before the model is quantized in place)."""
+    computed once (e.g. before the model is quantized in place). ``follow``: decode the tokens those logits chose
+    greedily instead of the model's own."""
     from transformers import DynamicCache
 
     with torch.no_grad():
         cache = DynamicCache()
         ref = [model(prompt, past_key_values=cache, use_cache=True).logits[0]]  # [T, V]
-        for _ in range(steps):
-            tok = ref[-1][-1].argmax().view(1, 1)
+        for i in range(steps):
+            tok = (follow[i] if follow is not None else ref[-1])[-1].argmax().view(1, 1)
             ref.append(model(tok, past_key_values=cache, use_cache=True).logits[0])
     return ref
 
@@ -97,7 +99,7 @@ def check_export_parity(model: nn.Module, decoder, prompt: torch.Tensor, steps: 
     parity = compare_logits(got, ref, prompt.shape[1])
     parity["passed"] = parity["max_abs_diff"] <= parity["tolerance"]
     if referee and not parity["passed"]:
-        parity["float64"] = float64_referee(model, prompt, ref, got)
+        parity["float64"] = float64_referee(model, prompt, ref, got, parity["tolerance"])
         parity["passed"] = parity["float64"].get("passed", False)
     return parity
 
@@ -108,11 +110,12 @@ REFEREE_FACTOR = 2.0
 
 
 def float64_referee(model: nn.Module, prompt: torch.Tensor, reference: list[torch.Tensor],
-                    got: list[torch.Tensor]) -> dict:
-    """Whether a candidate's logits ``got`` (:func:`candidate_logits`) that miss :func:`parity_tolerance` against
-    the float32 ``model``'s ``reference`` are its float32 rounding: the model is run in float64 over the same
-    tokens (its parameters converted in place, then back to float32, which is exact), and the candidate passes if
-    it is no further from that than :data:`REFEREE_FACTOR` times the float32 model is, or than the tolerance.
+                    got: list[torch.Tensor], tolerance: float) -> dict:
+    """Whether a candidate's logits ``got`` (:func:`candidate_logits`) that miss ``tolerance``
+    (:func:`parity_tolerance` of the reference) against the float32 ``model``'s ``reference`` are its float32
+    rounding: the model is run in float64 over the same tokens (its parameters converted in place, then back to
+    float32, which is exact), and the candidate passes if it is no further from that than
+    :data:`REFEREE_FACTOR` times the float32 model is, or than ``tolerance``.
     A deep model with large activations (Qwen2.5-Coder-1.5B: 1.69e-4 from float64 where the tolerance of its
     logits is 1.14e-4) needs it. Needs memory for a float64 copy of the weights; where that is not free, or the
     model is not all float32, says so (``"skipped"``) instead."""
@@ -126,15 +129,9 @@ def float64_referee(model: nn.Module, prompt: torch.Tensor, reference: list[torc
     if need > 0.8 * free:
         return {"skipped": f"a float64 copy of the weights needs {need / 2**30:.1f} GiB; {free / 2**30:.1f} GiB "
                            "is available"}
-    from transformers import DynamicCache
-
     try:
         model.double()
-        with torch.no_grad():
-            cache = DynamicCache()
-            exact = [model(prompt, past_key_values=cache, use_cache=True).logits[0]]
-            for r in reference[:-1]:
-                exact.append(model(r[-1].argmax().view(1, 1), past_key_values=cache, use_cache=True).logits[0])
+        exact = reference_logits(model, prompt, len(reference) - 1, follow=reference)
     finally:
         model.float()
 
@@ -142,8 +139,7 @@ def float64_referee(model: nn.Module, prompt: torch.Tensor, reference: list[torc
         return max((x.double() - e[-x.shape[0]:]).abs().max().item() for x, e in zip(rows, exact))
 
     own, cand = dist([r.reshape(-1, r.shape[-1]) for r in reference]), dist(got)
-    scale = max(r.abs().max().item() for r in reference)
-    tolerance = max(parity_tolerance(scale), REFEREE_FACTOR * own)
+    tolerance = max(tolerance, REFEREE_FACTOR * own)
     return {"model_vs_float64": own, "candidate_vs_float64": cand, "tolerance": tolerance,
             "rule": f"max(parity tolerance, {REFEREE_FACTOR:g} x the float32 model's distance from float64)",
             "passed": cand <= tolerance}
